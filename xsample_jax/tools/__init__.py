@@ -1,0 +1,1 @@
+"""Offline command-line tools (embed_text, make_shards); they may use models and data."""
