@@ -1,0 +1,501 @@
+"""Contrastive objectives on the global batch: X-Sample (X-CLR) and its baselines.
+
+Every loss is a pure function of arrays. Called plainly, its rows are the whole batch. Called inside
+`jax.shard_map` with `axis_name`, its rows are this device's shard: the rows' *inputs* (embeddings, caption
+embeddings, labels) are all-gathered (tiled) over the axis -- never an N x N matrix -- each device computes its
+rows against all N global columns, and the value returned is the global mean, identical on every device.
+Autodiff through the tiled all_gather reduce-scatters the column gradients, so the gradient w.r.t. the local
+rows is that of the global loss.
+
+The softmax losses share one kernel, a row-wise soft-target cross-entropy (PAPER.md section 2):
+
+    L_i = LSE_j(l_ij) - sum_j G_ij l_ij,    G_i = softmax_j(t_ij),    dL_i/dl_ij = P_ij - G_ij,
+
+with logits l = scale * z_r . z_c (unit rows) and target logits t from a *graph*:
+
+  ==========  =====================================  =========================================
+  graph        t_ij                                   used by
+  ==========  =====================================  =========================================
+  "embed"      (c_i . c_j) / tau_s  (unit rows)        X-Sample with captions (the paper)
+  "table"      S[y_i, y_j] / tau_s                     X-Sample with class names: a K x K lookup
+                                                       instead of an N^2 E matmul
+  "label"      [y_i == y_j] / tau_s                    label / instance graph at finite tau_s
+  "hard"       0 if y_i == y_j else -inf               the tau_s -> 0 limit: SupCon, SimCLR, CLIP
+  ==========  =====================================  =========================================
+
+Pairs excluded by the self-mask get l = t = -inf. A row whose targets are all -inf (a SupCon anchor without a
+positive) contributes nothing and is not counted in the mean.
+
+Two implementations of the kernel give the same value and gradient:
+  * "dense": the n x N logits and targets are formed whole and autodiff does the rest. Simple; O(n N) memory.
+  * "blockwise": a `jax.custom_vjp` that sweeps row panels (R rows x all columns). Within a panel the columns
+    are swept in tiles with online log-sum-exps for LSE(l) and LSE(t) and a rescaled accumulator of
+    sum_j exp(t_ij) l_ij (PAPER.md section 4). Its forward pass under differentiation also forms P - G for the
+    panel and accumulates dL/dz there, as fused linear cross-entropy kernels do, so the backward pass only scales
+    the stored gradient. When a panel's full width fits in one tile (the default up to N ~ 32k rows per panel
+    budget) this costs the dense FLOPs (6 N^2 D + 2 N^2 E) in O(R N + N (D + E)) memory; with several column
+    tiles it recomputes each tile once (8 N^2 D + 4 N^2 E).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("dense", "blockwise", "auto")
+# "auto" switches to blockwise when one device's n x N logits pass this many elements (16 MiB in f32).
+AUTO_BLOCKWISE_ELEMENTS = 1 << 22
+# Elements in one blockwise tile (rows x columns): 32 MiB per f32 buffer.
+TILE_ELEMENTS = 1 << 23
+
+__all__ = [
+    "xsample_loss", "xsample_cross_modal_loss", "simclr_loss", "supcon_loss", "clip_loss", "siglip_loss",
+    "soft_cross_entropy",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public losses.
+
+
+def xsample_loss(z, c, *, temperature=0.1, target_temperature=0.1, mask_self=True, axis_name=None,
+                 impl="dense", class_similarity=None, tile=None):
+  """X-Sample contrastive loss (X-CLR): soft-target cross-entropy against a caption-similarity graph.
+
+  Args:
+    z: [n, D] image embeddings of this shard's rows (all views stacked). L2-normalised here.
+    c: the rows' frozen graph inputs, one of
+       - [n, E] float caption / class-name embeddings (L2-normalised here; no gradient), or
+       - [n] int labels or instance ids. With `class_similarity` ([K, K], e.g. cosine similarities of the K
+         class-name embeddings) s_ij = class_similarity[y_i, y_j]; without it s_ij = [y_i == y_j].
+    temperature: tau of the image logits (a float, or a scalar array to learn it).
+    target_temperature: tau_s of the target graph, > 0.
+    mask_self: exclude the pair (i, i) from both distributions.
+    axis_name: mesh axis (or axes) to gather the global batch over, inside `jax.shard_map`.
+    impl: "dense", "blockwise" or "auto" (blockwise when one device's n x N logits exceed
+      AUTO_BLOCKWISE_ELEMENTS).
+    class_similarity: optional [K, K] table, with integer `c`.
+    tile: optional (rows, cols) tile of the blockwise sweep; default from TILE_ELEMENTS.
+
+  Returns:
+    The scalar mean over all N global rows of the soft-target cross-entropy (PAPER.md section 2).
+  """
+  _check_embeddings("z", z)
+  _check_positive("temperature", temperature)
+  _check_positive("target_temperature", target_temperature)
+  graph = _graph_from_c(c, z.shape[0], class_similarity, target_temperature, hard=False)
+  return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=mask_self, axis_name=axis_name,
+                       impl=impl, tile=tile)
+
+
+def supcon_loss(z, labels, *, temperature=0.1, axis_name=None, impl="dense", tile=None):
+  """Supervised contrastive loss (Khosla et al., L_out): every other row of the same label is a positive.
+
+  Mean over anchors that have at least one positive. `labels`: [n] int. Equals `xsample_loss` with the label
+  graph in the limit target_temperature -> 0.
+  """
+  _check_embeddings("z", z)
+  _check_positive("temperature", temperature)
+  graph = _graph_from_c(labels, z.shape[0], None, None, hard=True, name="labels")
+  return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=True, axis_name=axis_name,
+                       impl=impl, tile=tile)
+
+
+def simclr_loss(z, ids, *, temperature=0.1, axis_name=None, impl="dense", tile=None):
+  """SimCLR's NT-Xent: the other view(s) of the same image are the positives, all else negatives.
+
+  `ids`: [n] int, the image id of each row (the views of one image share it). With two views this is exactly
+  NT-Xent; it is SupCon on instance ids, and X-Sample with an instance graph as target_temperature -> 0.
+  """
+  _check_embeddings("z", z)
+  _check_positive("temperature", temperature)
+  graph = _graph_from_c(ids, z.shape[0], None, None, hard=True, name="ids")
+  return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=True, axis_name=axis_name,
+                       impl=impl, tile=tile)
+
+
+def xsample_cross_modal_loss(image_emb, text_emb, c, *, temperature=0.1, target_temperature=0.1,
+                             axis_name=None, impl="dense", class_similarity=None, tile=None):
+  """Cross-modal X-Sample: image->text and text->image soft cross-entropies against the caption graph.
+
+  l_ij = u_i . v_j / tau between image i and text j (unit rows), targets softmax_j(s_ij / tau_s) from the frozen
+  graph inputs `c` (as in `xsample_loss`); the symmetric mean of both directions. No self-mask: the pair (i, i)
+  is the matched pair. With an instance graph and tau_s -> 0 this is CLIP.
+  """
+  _check_pair(image_emb, text_emb)
+  _check_positive("temperature", temperature)
+  _check_positive("target_temperature", target_temperature)
+  graph = _graph_from_c(c, image_emb.shape[0], class_similarity, target_temperature, hard=False)
+  scale = 1.0 / _as_f32(temperature)
+  kw = dict(mask_self=False, axis_name=axis_name, impl=impl, tile=tile)
+  return 0.5 * (_mean_soft_ce(image_emb, text_emb, graph, scale, **kw)
+                + _mean_soft_ce(text_emb, image_emb, graph, scale, **kw))
+
+
+def clip_loss(image_emb, text_emb, log_scale, *, max_scale=100.0, axis_name=None, impl="dense", tile=None):
+  """CLIP's symmetric image-text InfoNCE with a learnable temperature.
+
+  Logits are exp(log_scale) * u_i . v_j (unit rows), the scale clipped at `max_scale` as in CLIP;
+  `log_scale` is a scalar (CLIP initialises it to log(1 / 0.07)). Each row's positive is its own pair.
+  """
+  _check_pair(image_emb, text_emb)
+  graph = _Graph("hard", None, None, None, None)  # filled with global row indices in _mean_soft_ce
+  scale = jnp.minimum(jnp.exp(_as_f32(log_scale)), max_scale)
+  kw = dict(mask_self=False, axis_name=axis_name, impl=impl, tile=tile)
+  return 0.5 * (_mean_soft_ce(image_emb, text_emb, graph, scale, **kw)
+                + _mean_soft_ce(text_emb, image_emb, graph, scale, **kw))
+
+
+def siglip_loss(image_emb, text_emb, log_scale, bias, *, axis_name=None):
+  """SigLIP's pairwise sigmoid loss with learnable temperature and bias (Zhai et al. 2023).
+
+  L = -(1/N) sum_ij log sigmoid(y_ij (exp(log_scale) u_i . v_j + bias)), y_ij = +1 for the matched pair and
+  -1 otherwise (SigLIP initialises log_scale = log 10, bias = -10). Rows against the gathered columns, dense.
+  """
+  _check_pair(image_emb, text_emb)
+  u = _unit(image_emb)
+  v_all = _gather(_unit(text_emb), axis_name)
+  n, total = u.shape[0], v_all.shape[0]
+  row_ids = _row_offset(n, axis_name) + jnp.arange(n)
+  logits = jnp.exp(_as_f32(log_scale)) * _dot_nt(u, v_all) + _as_f32(bias)
+  sign = jnp.where(row_ids[:, None] == jnp.arange(total)[None, :], 1.0, -1.0)
+  local = -jnp.sum(jax.nn.log_sigmoid(sign * logits))
+  return _psum(local, axis_name) / total
+
+
+def soft_cross_entropy(logits, target_logits):
+  """Per-row soft-target cross-entropy LSE(l_i) - sum_j softmax(t_i)_j l_ij; -inf entries are excluded.
+
+  The building block of every softmax loss here; its gradient w.r.t. `logits` is P - G (rows sum to zero).
+  Rows whose targets are all -inf give 0.
+  """
+  loss, _, _, _ = _row_terms(jnp.asarray(logits, jnp.float32), jax.lax.stop_gradient(target_logits))
+  return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks (at trace time: shapes and concrete hyper-parameters).
+
+
+def _check_embeddings(name, x):
+  if jnp.ndim(x) != 2:
+    raise ValueError(f"{name} must be [rows, dim], got shape {jnp.shape(x)}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise TypeError(f"{name} must be floating point, got {jnp.result_type(x)}")
+
+
+def _check_pair(image_emb, text_emb):
+  _check_embeddings("image_emb", image_emb)
+  _check_embeddings("text_emb", text_emb)
+  if image_emb.shape != text_emb.shape:
+    raise ValueError(f"image_emb {image_emb.shape} and text_emb {text_emb.shape} must have the same shape "
+                     "(rows are matched pairs, dims must agree for the dot product)")
+
+
+def _check_positive(name, value):
+  try:  # Only concrete values can be checked; a traced (learned) temperature is the caller's business.
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return
+  if not v > 0:
+    raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _as_f32(x):
+  return jnp.asarray(x, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Graphs.
+
+
+class _Graph(NamedTuple):
+  kind: str                 # "embed" | "table" | "label" | "hard"
+  rows: jax.Array | None    # [n, E] unit caption embeddings or [n] int labels of this shard's rows
+  cols: jax.Array | None    # the same for all N columns (gathered)
+  table: jax.Array | None   # [K, K] class similarities ("table")
+  inv_tau: jax.Array | None  # 1 / tau_s (not "hard")
+
+
+def _graph_from_c(c, n, class_similarity, target_temperature, *, hard, name="c"):
+  """Validates the graph inputs of n rows; the columns are filled in by _mean_soft_ce after gathering."""
+  c = jnp.asarray(c)
+  if jnp.issubdtype(c.dtype, jnp.floating):
+    if c.ndim != 2:
+      raise ValueError(f"{name} must be [rows, E] embeddings or [rows] integer labels, got shape {c.shape}")
+    if class_similarity is not None:
+      raise ValueError("class_similarity needs integer labels as c, got float embeddings")
+    kind, rows = "embed", _unit(jax.lax.stop_gradient(c))
+  elif jnp.issubdtype(c.dtype, jnp.integer):
+    if c.ndim != 1:
+      raise ValueError(f"integer {name} must be [rows] labels/ids, got shape {c.shape}")
+    kind, rows = ("hard" if hard else "table" if class_similarity is not None else "label"), c.astype(jnp.int32)
+  else:
+    raise TypeError(f"{name} must be float embeddings or integer labels, got dtype {c.dtype}")
+  if c.shape[0] != n:
+    raise ValueError(f"z has {n} rows but {name} has {c.shape[0]}: each row needs its own graph input")
+  table = None
+  if class_similarity is not None:
+    table = jax.lax.stop_gradient(jnp.asarray(class_similarity, jnp.float32))
+    if table.ndim != 2 or table.shape[0] != table.shape[1]:
+      raise ValueError(f"class_similarity must be a square [K, K] table, got shape {table.shape}")
+  inv_tau = None if hard else 1.0 / _as_f32(target_temperature)
+  return _Graph(kind, rows, None, table, inv_tau)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared kernel.
+
+
+def _unit(x):
+  """L2-normalise rows in f32 and return them in x's dtype (the matmuls then run in that dtype)."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, -1, keepdims=True), 1e-24))).astype(x.dtype)
+
+
+def _dot_nt(a, b):
+  """a @ b.T with f32 accumulation."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _gather(x, axis_name):
+  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _row_offset(n, axis_name):
+  """Global index of this shard's first row (shards are laid out in device order along the axis)."""
+  return jnp.int32(0) if axis_name is None else jax.lax.axis_index(axis_name).astype(jnp.int32) * n
+
+
+def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
+  """Global mean over rows (with targets) of the soft CE of this shard's rows zr against all columns zc."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+  n = zr.shape[0]
+  zr_unit, zc_all = _unit(zr), _gather(_unit(zc), axis_name)
+  total = zc_all.shape[0]
+  offset = _row_offset(n, axis_name)
+  if graph.rows is None:  # instance graph of global row indices (CLIP)
+    graph = graph._replace(rows=offset + jnp.arange(n, dtype=jnp.int32), cols=jnp.arange(total, dtype=jnp.int32))
+  else:
+    graph = graph._replace(cols=_gather(graph.rows, axis_name))
+  if impl == "auto":
+    impl = "blockwise" if n * total > AUTO_BLOCKWISE_ELEMENTS else "dense"
+  if impl == "dense":
+    loss_sum, count = _dense_sum(zr_unit, zc_all, scale, graph, offset, mask_self)
+  else:
+    rows, cols = _tile_shape(n, total, tile)
+    if axis_name is not None:  # scale is replicated; mark it per-device so its cotangent is summed (psum).
+      scale = jax.lax.pcast(scale, axis_name, to="varying")
+    # The graph's kind travels in the static config; its arrays are (non-differentiable) inputs.
+    cfg = (graph.kind, mask_self, rows, cols, zr_unit.dtype.name, zc_all.dtype.name, axis_name)
+    loss_sum, count = _blockwise_sum(cfg, zr_unit, zc_all, scale,
+                                     graph._replace(kind=None), offset)
+  return _psum(loss_sum, axis_name) / jnp.maximum(_psum(count, axis_name), 1.0)
+
+
+def _tile(zr, zc, scale, graph_rows, graph_cols, graph, row_ids, col_ids, n_cols, mask_self):
+  """Logits l, target logits t (both -inf where excluded) and raw cosines for one tile of rows x columns."""
+  raw = _dot_nt(zr, zc)
+  if graph.kind == "embed":
+    t = _dot_nt(graph_rows, graph_cols) * graph.inv_tau
+  elif graph.kind == "table":
+    t = jnp.take(jnp.take(graph.table, graph_rows, axis=0), graph_cols, axis=1) * graph.inv_tau
+  elif graph.kind == "label":
+    t = (graph_rows[:, None] == graph_cols[None, :]).astype(jnp.float32) * graph.inv_tau
+  else:  # "hard"
+    t = jnp.where(graph_rows[:, None] == graph_cols[None, :], 0.0, -jnp.inf)
+  excluded = (col_ids >= n_cols)[None, :]  # padding columns
+  if mask_self:
+    excluded = excluded | (row_ids[:, None] == col_ids[None, :])
+  l = jnp.where(excluded, -jnp.inf, scale * raw)
+  t = jnp.where(excluded, -jnp.inf, jax.lax.stop_gradient(t))
+  return raw, l, t
+
+
+def _softmax_stats(x):
+  """Row-wise exp(x - m), their sum and log-sum-exp; an all -inf row gives sum 0 and LSE -inf, not NaN."""
+  m = jnp.max(x, axis=-1)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(x - m[:, None])
+  s = jnp.sum(e, axis=-1)
+  return e, s, jnp.log(s) + m
+
+
+def _row_terms(l, t):
+  """Per-row loss, has-target flag, G and P for logits l and target logits t (whole rows)."""
+  e_l, s_l, lse_l = _softmax_stats(l)
+  e_t, s_t, _ = _softmax_stats(t)
+  has_target = s_t > 0
+  g = e_t / jnp.where(has_target, s_t, 1.0)[:, None]
+  gl = jnp.sum(g * jnp.where(jnp.isfinite(l), l, 0.0), axis=-1)
+  p = e_l / jnp.where(s_l > 0, s_l, 1.0)[:, None]
+  return jnp.where(has_target, lse_l - gl, 0.0), has_target, g, p
+
+
+def _dense_sum(zr, zc, scale, graph, offset, mask_self):
+  row_ids = offset + jnp.arange(zr.shape[0], dtype=jnp.int32)
+  col_ids = jnp.arange(zc.shape[0], dtype=jnp.int32)
+  _, l, t = _tile(zr, zc, scale, graph.rows, graph.cols, graph, row_ids, col_ids, zc.shape[0], mask_self)
+  loss, has_target, _, _ = _row_terms(l, t)
+  return jnp.sum(loss), jnp.sum(has_target.astype(jnp.float32))
+
+
+def _tile_shape(n, total, tile):
+  """(rows, cols) of a blockwise tile. Default: full-width row panels while they fit TILE_ELEMENTS."""
+  if tile is not None:
+    rows, cols = (int(v) for v in tile)
+    if rows < 1 or cols < 1:
+      raise ValueError(f"tile must be two positive sizes, got {tile}")
+    return min(rows, n), min(cols, total)
+  rows = 1 << max(3, min(9, int(math.log2(max(TILE_ELEMENTS // total, 1)))))  # 8 .. 512, a power of two
+  rows = min(rows, n)
+  cols = total if rows * total <= TILE_ELEMENTS else max(TILE_ELEMENTS // rows, 128)
+  return rows, cols
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blockwise kernel: row panels x column tiles, online LSEs, gradient formed in the forward sweep.
+
+
+def _pad_rows(x, size):
+  return jnp.pad(x, [(0, size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _padded_inputs(cfg, zr, zc, graph, offset):
+  rows, cols = cfg[2], cfg[3]
+  n, total = zr.shape[0], zc.shape[0]
+  n_pad, total_pad = -(-n // rows) * rows, -(-total // cols) * cols
+  graph_rows = _pad_rows(graph.rows, n_pad)
+  graph_cols = _pad_rows(graph.cols, total_pad)
+  row_ids = offset + jnp.arange(n_pad, dtype=jnp.int32)
+  return _pad_rows(zr, n_pad), _pad_rows(zc, total_pad), graph_rows, graph_cols, row_ids, n_pad, total_pad
+
+
+def _sweep(cfg, zr, zc, scale, graph, offset, with_grad):
+  """Returns (loss_sum, count) and, with_grad, d(loss_sum)/d(zr, zc, scale) in f32."""
+  kind, mask_self, rows, cols, _, _, axis_name = cfg
+  graph = graph._replace(kind=kind)
+
+  def vary(tree):  # loop carries start per-device under shard_map (the rows differ per device)
+    return tree if axis_name is None else jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to="varying"), tree)
+
+  n, total = zr.shape[0], zc.shape[0]
+  zr_p, zc_p, gr_p, gc_p, row_ids, n_pad, total_pad = _padded_inputs(cfg, zr, zc, graph, offset)
+  n_col_tiles = total_pad // cols
+  col_ids_all = jnp.arange(total_pad, dtype=jnp.int32)
+
+  def col_slice(x, j):
+    return jax.lax.dynamic_slice_in_dim(x, j * cols, cols)
+
+  def panel(i, carry):
+    loss_sum, count, dzr, dzc, dscale = carry
+    zr_i = jax.lax.dynamic_slice_in_dim(zr_p, i * rows, rows)
+    gr_i = jax.lax.dynamic_slice_in_dim(gr_p, i * rows, rows)
+    rid = jax.lax.dynamic_slice_in_dim(row_ids, i * rows, rows)
+    row_valid = (rid - offset) < n  # padding rows
+
+    def tile(j):
+      return _tile(zr_i, col_slice(zc_p, j), scale, gr_i, col_slice(gc_p, j), graph, rid,
+                   col_slice(col_ids_all, j), total, mask_self)
+
+    if n_col_tiles == 1:  # the panel's full width is one tile: no online statistics, no recomputation
+      raw, l, t = tile(0)
+      loss, has_target, g, p = _row_terms(l, t)
+    else:  # pass 1: online LSE(l), LSE(t) and sum_j exp(t_ij - m_t) l_ij over the column tiles
+      def stats(j, s):
+        m_l, s_l, m_t, s_t, acc = s
+        _, l, t = tile(j)
+        m_l2, m_t2 = jnp.maximum(m_l, jnp.max(l, 1)), jnp.maximum(m_t, jnp.max(t, 1))
+        ml_safe, mt_safe = _finite_or_zero(m_l2), _finite_or_zero(m_t2)
+        e_t = jnp.exp(t - mt_safe[:, None])
+        rescale_t = jnp.exp(_finite_or_zero(m_t) - mt_safe) * jnp.isfinite(m_t)
+        s_l = s_l * jnp.exp(_finite_or_zero(m_l) - ml_safe) * jnp.isfinite(m_l) + jnp.sum(
+            jnp.exp(l - ml_safe[:, None]), 1)
+        s_t = s_t * rescale_t + jnp.sum(e_t, 1)
+        acc = acc * rescale_t + jnp.sum(e_t * jnp.where(jnp.isfinite(l), l, 0.0), 1)
+        return m_l2, s_l, m_t2, s_t, acc
+
+      neg_inf, zeros = jnp.full((rows,), -jnp.inf), jnp.zeros((rows,))
+      m_l, s_l, m_t, s_t, acc = jax.lax.fori_loop(0, n_col_tiles, stats,
+                                                  vary((neg_inf, zeros, neg_inf, zeros, zeros)))
+      lse_l, lse_t = jnp.log(s_l) + _finite_or_zero(m_l), jnp.log(s_t) + _finite_or_zero(m_t)
+      has_target = jnp.isfinite(lse_t)
+      loss = jnp.where(has_target, lse_l - acc / jnp.where(has_target, s_t, 1.0), 0.0)
+    has_target = has_target & row_valid
+    loss_sum = loss_sum + jnp.sum(jnp.where(has_target, loss, 0.0))
+    count = count + jnp.sum(has_target.astype(jnp.float32))
+    if not with_grad:
+      return loss_sum, count, dzr, dzc, dscale
+
+    def grad_tile(raw, p, g, j, dzr_i, dzc, dscale):
+      dl = jnp.where(has_target[:, None], p - g, 0.0)  # dL/dl = P - G, rows sum to zero
+      dl_mm = dl.astype(zr.dtype)  # matmul operands in the embeddings' dtype, f32 accumulation
+      dzr_i = dzr_i + scale * jnp.dot(dl_mm, col_slice(zc_p, j), preferred_element_type=jnp.float32)
+      dzc_j = scale * jax.lax.dot_general(dl_mm, zr_i, (((0,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+      dzc = jax.lax.dynamic_update_slice_in_dim(dzc, col_slice(dzc, j) + dzc_j, j * cols, 0)
+      return dzr_i, dzc, dscale + jnp.sum(dl * raw)
+
+    dzr_i = vary(jnp.zeros((rows, zr.shape[1]), jnp.float32))
+    if n_col_tiles == 1:
+      dzr_i, dzc, dscale = grad_tile(raw, p, g, 0, dzr_i, dzc, dscale)
+    else:  # pass 2: recompute each tile, form P - G, accumulate the gradients
+      def grads(j, s):
+        raw, l, t = tile(j)
+        p = jnp.exp(l - jnp.where(has_target, lse_l, 0.0)[:, None])
+        g = jnp.exp(t - jnp.where(has_target, lse_t, 0.0)[:, None])
+        return grad_tile(raw, p, g, j, *s)
+      dzr_i, dzc, dscale = jax.lax.fori_loop(0, n_col_tiles, grads, (dzr_i, dzc, dscale))
+    dzr = jax.lax.dynamic_update_slice_in_dim(dzr, dzr_i, i * rows, 0)
+    return loss_sum, count, dzr, dzc, dscale
+
+  f32 = jnp.float32
+  init = (jnp.zeros((), f32), jnp.zeros((), f32),
+          jnp.zeros((n_pad, zr.shape[1]), f32) if with_grad else None,
+          jnp.zeros((total_pad, zc.shape[1]), f32) if with_grad else None,
+          jnp.zeros((), f32) if with_grad else None)
+  loss_sum, count, dzr, dzc, dscale = jax.lax.fori_loop(0, n_pad // rows, panel, vary(init))
+  if not with_grad:
+    return (loss_sum, count), None
+  return (loss_sum, count), (dzr[:n], dzc[:total], dscale)
+
+
+def _finite_or_zero(x):
+  return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise_sum(cfg, zr, zc, scale, graph, offset):
+  out, _ = _sweep(cfg, zr, zc, scale, graph, offset, with_grad=False)
+  return out
+
+
+def _blockwise_fwd(cfg, zr, zc, scale, graph, offset):
+  out, grads = _sweep(cfg, zr, zc, scale, graph, offset, with_grad=True)
+  return out, (grads, graph, offset)
+
+
+def _blockwise_bwd(cfg, res, cotangents):
+  (dzr, dzc, dscale), graph, offset = res
+  zr_dtype, zc_dtype = cfg[4], cfg[5]
+  g = cotangents[0]  # the count output is not differentiable
+  graph_ct = jax.tree.map(_zero_cotangent, graph)
+  return ((g * dzr).astype(zr_dtype), (g * dzc).astype(zc_dtype), g * dscale, graph_ct, _zero_cotangent(offset))
+
+
+def _zero_cotangent(x):
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+_blockwise_sum.defvjp(_blockwise_fwd, _blockwise_bwd)
