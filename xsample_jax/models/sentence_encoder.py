@@ -14,7 +14,7 @@ import importlib.util
 import json
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -199,8 +199,14 @@ class LoadedEncoder(NamedTuple):
   max_length: int                  # sentence-transformers' max_seq_length (256 for all-MiniLM-L6-v2)
   lowercase: bool                  # sentence_bert_config's do_lower_case
   mesh: Mesh                       # 1-D over the local devices ('data'; 'model' has size 1)
-  embed: callable                  # jitted (ids, mask) -> [b, d], batch sharded over 'data'
+  state: nnx.State                 # the model's parameters, replicated over `mesh`
+  forward: Callable                # jitted (state, ids, mask) -> [b, d]; give it batches sharded over 'data'
   model_dir: pathlib.Path
+
+  def embed(self, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
+    """Embeddings of one padded batch, its rows split over the local devices."""
+    batch = sharding.batch_sharding(self.mesh)
+    return self.forward(self.state, jax.device_put(ids, batch), jax.device_put(mask, batch))
 
 
 @functools.lru_cache(maxsize=4)
@@ -210,17 +216,13 @@ def _load(model_dir: pathlib.Path) -> LoadedEncoder:
   mesh = sharding.make_mesh(devices=jax.local_devices())
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.replicated(mesh))
-  batch = sharding.batch_sharding(mesh)
 
   @jax.jit
   def forward(state, ids, mask):
     return nnx.merge(graphdef, state)(ids, mask)
 
-  def embed(ids, mask):
-    return forward(state, jax.device_put(ids, batch), jax.device_put(mask, batch))
-
-  return LoadedEncoder(model, wordpiece.load_tokenizer(model_dir, max_len), max_len, lowercase, mesh, embed,
-                       model_dir)
+  return LoadedEncoder(model, wordpiece.load_tokenizer(model_dir, max_len), max_len, lowercase, mesh, state,
+                       forward, model_dir)
 
 
 def load_sentence_encoder(model_dir=None) -> LoadedEncoder:
