@@ -1,0 +1,158 @@
+"""SimCLR two-view augmentations and the evaluation transform, in NumPy/OpenCV on the host.
+
+They run inside grain workers, one image at a time, with the `np.random.Generator` that grain's `random_map` derives
+from (pipeline seed, epoch, element index): every sample gets independent randomness, the two views of one image draw
+one after the other from that generator (so they differ), and the whole stream is reproducible for a seed.
+Why on the host and not on device in JAX: see `benchmarks/input_bench.py` (per-sample crops of different sizes are
+cheap in OpenCV, while in JAX every crop must be expressed as a fixed-shape resampling that costs a full-image
+interpolation per view, and the accelerator is what we are trying to keep busy with the model).
+
+Images are uint8 [H, W, 3] RGB in and out; intermediate colour maths is float32 in [0, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import cv2
+import numpy as np
+
+# Standard ImageNet statistics, applied on device by `normalize` (images travel as uint8: 4x less host->device traffic).
+MEAN_RGB = (0.485, 0.456, 0.406)
+STD_RGB = (0.229, 0.224, 0.225)
+
+# OpenCV's own thread pool fights grain's worker processes for the same cores.
+cv2.setNumThreads(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCLRAugment:
+  """The SimCLR recipe (Chen et al. 2020, appendix A) with its default strengths.
+
+  Colour jitter strength s scales brightness/contrast/saturation by 0.8 s and hue by 0.2 s (s = 1.0 for ImageNet,
+  0.5 for CIFAR in the paper). Blur kernel is ~10% of the image side, sigma uniform in `blur_sigma`.
+  """
+  size: int = 224
+  crop_scale: tuple[float, float] = (0.08, 1.0)
+  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  flip: bool = True
+  jitter_strength: float = 1.0
+  jitter_prob: float = 0.8
+  grayscale_prob: float = 0.2
+  blur_prob: float = 0.5
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
+  solarize_prob: float = 0.0
+
+  def __post_init__(self):
+    lo, hi = self.crop_scale
+    if not 0 < lo <= hi <= 1:
+      raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+    for name in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+    if self.size <= 0:
+      raise ValueError(f"size must be positive, got {self.size}")
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a crop covering `scale` of the area with aspect `ratio` (torchvision's 10-try rule)."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  # Fallback: the central crop with the aspect ratio clamped into range.
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    h, w = height, int(round(height * ratio[1]))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Resize to (h, w); area averaging when shrinking (no aliasing), bilinear when growing."""
+  h, w = size
+  shrink = h < image.shape[0] or w < image.shape[1]
+  return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _gray(x: np.ndarray) -> np.ndarray:
+  """ITU-R 601 luma of float RGB [H, W, 3] -> [H, W, 1]."""
+  return (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+
+
+def color_jitter(x: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+  """Brightness, contrast, saturation, hue in random order (torchvision ColorJitter) on float RGB in [0, 1]."""
+  b = c = s = 0.8 * strength
+  h = 0.2 * strength
+  for op in rng.permutation(4):
+    if op == 0:
+      x = x * rng.uniform(max(0.0, 1 - b), 1 + b)
+    elif op == 1:
+      x = (x - _gray(x).mean()) * rng.uniform(max(0.0, 1 - c), 1 + c) + _gray(x).mean()
+    elif op == 2:
+      g = _gray(x)
+      x = (x - g) * rng.uniform(max(0.0, 1 - s), 1 + s) + g
+    else:
+      shift = rng.uniform(-h, h) * 360.0
+      hsv = cv2.cvtColor(np.clip(x, 0, 1), cv2.COLOR_RGB2HSV)  # float32: H in [0, 360)
+      hsv[..., 0] = np.mod(hsv[..., 0] + shift, 360.0)
+      x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    x = np.clip(x, 0.0, 1.0)
+  return x
+
+
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+  size = x.shape[0]
+  k = max(3, int(0.1 * size) // 2 * 2 + 1)  # odd kernel, ~10% of the side as in SimCLR
+  return cv2.GaussianBlur(x, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+def augment_view(image: np.ndarray, rng: np.random.Generator, aug: SimCLRAugment) -> np.ndarray:
+  """One SimCLR view of a uint8 RGB image -> uint8 [size, size, 3]."""
+  top, left, h, w = random_resized_crop_box(rng, image.shape[0], image.shape[1], aug.crop_scale, aug.crop_ratio)
+  x = _resize(image[top:top + h, left:left + w], (aug.size, aug.size))
+  if aug.flip and rng.random() < 0.5:
+    x = x[:, ::-1]
+  x = np.ascontiguousarray(x, dtype=np.float32) * (1.0 / 255.0)
+  if rng.random() < aug.jitter_prob:
+    x = color_jitter(x, rng, aug.jitter_strength)
+  if rng.random() < aug.grayscale_prob:
+    x = np.repeat(_gray(x), 3, axis=-1)
+  if rng.random() < aug.blur_prob:
+    x = gaussian_blur(x, rng.uniform(*aug.blur_sigma))
+  if rng.random() < aug.solarize_prob:
+    x = np.where(x < 0.5, x, 1.0 - x)
+  return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def two_views(image: np.ndarray, rng: np.random.Generator, aug: SimCLRAugment) -> np.ndarray:
+  """[2, size, size, 3] uint8: two independent views of one image."""
+  return np.stack([augment_view(image, rng, aug), augment_view(image, rng, aug)])
+
+
+def eval_view(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+  """Resize the shorter side to size / crop_fraction, then take the central size x size crop."""
+  height, width = image.shape[:2]
+  short = size / crop_fraction
+  new_h = max(size, int(round(height * short / min(height, width))))
+  new_w = max(size, int(round(width * short / min(height, width))))
+  x = _resize(image, (new_h, new_w))
+  top, left = (new_h - size) // 2, (new_w - size) // 2
+  return np.ascontiguousarray(x[top:top + size, left:left + size])
+
+
+def normalize(images):
+  """uint8 [..., 3] -> float32 standardised with ImageNet mean/std (works on NumPy or jax arrays, use on device)."""
+  mean = np.asarray(MEAN_RGB, np.float32) * 255.0
+  std = np.asarray(STD_RGB, np.float32) * 255.0
+  return (images.astype(np.float32) - mean) / std

@@ -1,0 +1,248 @@
+"""grain pipelines: a source (sources.py) -> per-process slice -> decode + augment -> batch -> global jax.Array.
+
+Training batch (`train_dataset`), for a global batch of B images over P processes (b = B / P images per process):
+  "image":    uint8 [2b, S, S, 3]  two SimCLR views per image, interleaved: rows 2i and 2i+1 are the two views of
+              image i. Interleaving keeps every pair inside any even-sized contiguous block of rows, so the pairing
+              is the same for the process-local batch, every device shard and the global array, whatever P and the
+              device count (the global array is the processes' blocks in process order).
+  "text_emb": float32 [2b, E]      the image's frozen caption embedding, repeated for both views.
+  "label":    int32 [2b]           class (label datasets), object shape (procedural), -1 (caption shards).
+  "id":       int32 [2b]           the example's index in its source (caption shards: the id make_shards gave it);
+                                   both views share it, so `id[r] == id[s]` marks positive pairs for SimCLR-style
+                                   instance graphs.
+  + every other int field of the source, int32 [2b] (procedural: "attribute", "background", "caption_id").
+Images stay uint8 to cut host->device traffic 4x; normalise on device with `augment.normalize`.
+With `mesh`, every leaf is a global jax.Array of leading size 2B sharded over the mesh's 'data' axis, assembled with
+`jax.make_array_from_process_local_data`; without it, the process-local NumPy batch.
+
+Evaluation batch (`eval_dataset`): one centre-cropped view per image, [b, S, S, 3] and [b] fields, plus
+"valid": bool [b]; the last batch is padded (valid False) so every process yields the same number of batches.
+
+Bad records (undecodable image, empty caption, embedding of the wrong length or not finite) are skipped in training
+and masked (valid False) in evaluation, counted, and logged with their key; with `strict=True` the first one raises
+`BadRecordError` naming it. The counts are part of the iterator: `it.skipped`, `it.metrics()`, and its grain state.
+
+Checkpointing: `it.get_state()` / `it.set_state(state)` (JSON-able dict; also works with
+`grain.checkpoint.CheckpointHandler` in an orbax CheckpointManager) restore the exact stream of batches.
+Determinism: the stream depends only on (source, seed, batch size, process index/count); not on worker counts.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import grain
+import numpy as np
+
+from xsample_jax.data import augment as aug_lib
+from xsample_jax.data.shards import BadRecordError, decode_image, record_problem
+from xsample_jax.data.sources import EMBED_DIM
+
+_DROP = ("image", "text_emb", "caption", "key", "error")  # fields that are not int labels
+
+
+def _as_rgb(image) -> np.ndarray:
+  """Encoded bytes or an array -> uint8 RGB [H, W, 3] (grey and RGBA made RGB)."""
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    return decode_image(bytes(image))
+  img = np.asarray(image)
+  if img.dtype != np.uint8:
+    raise BadRecordError(f"image dtype {img.dtype}, expected uint8")
+  if img.ndim == 2:
+    img = img[..., None]
+  if img.ndim != 3 or img.shape[-1] not in (1, 3, 4) or min(img.shape[:2]) == 0:
+    raise BadRecordError(f"image shape {img.shape} is not [H, W, 1|3|4]")
+  if img.shape[-1] == 1:
+    return np.repeat(img, 3, axis=-1)
+  return img[..., :3]
+
+
+def _labels(ex: dict) -> dict:
+  return {k: np.int32(v) for k, v in ex.items() if k not in _DROP}
+
+
+def _checked(ex: dict, embed_dim: int, strict: bool):
+  """(rgb image, None) for a usable record, else (None, reason); strict raises instead."""
+  reason = ex.get("error") or record_problem(ex.get("caption", ""), ex["text_emb"], embed_dim)
+  image = None
+  if reason is None:
+    try:
+      image = _as_rgb(ex["image"])
+    except BadRecordError as e:
+      reason = str(e)
+  if reason is not None and strict:
+    raise BadRecordError(f"bad record {ex.get('key')!r}: {reason}")
+  return image, reason
+
+
+def _train_example(ex: dict, rng: np.random.Generator, *, aug: aug_lib.SimCLRAugment, embed_dim: int,
+                   strict: bool) -> dict:
+  image, reason = _checked(ex, embed_dim, strict)
+  if reason is not None:
+    return {"bad": reason, "key": ex.get("key", "?")}
+  return {"image": aug_lib.two_views(image, rng, aug), "text_emb": np.asarray(ex["text_emb"], np.float32),
+          **_labels(ex)}
+
+
+def _eval_example(index: int, *, source, size: int, crop_fraction: float, embed_dim: int, strict: bool) -> dict:
+  if index >= len(source):
+    return {"pad": True}
+  ex = source[index]
+  image, reason = _checked(ex, embed_dim, strict)
+  if reason is not None:
+    return {"bad": reason, "key": ex.get("key", "?")}
+  return {"image": aug_lib.eval_view(image, size, crop_fraction)[None],
+          "text_emb": np.asarray(ex["text_emb"], np.float32), **_labels(ex), "valid": np.bool_(True)}
+
+
+def _filler(pad_to: dict) -> dict:
+  """An invalid row (padding, or a masked bad record in evaluation)."""
+  row = {"image": np.zeros(pad_to["image"], np.uint8), "text_emb": np.zeros(pad_to["embed_dim"], np.float32)}
+  row.update({k: np.int32(-1) for k in pad_to["fields"]})
+  row["valid"] = np.bool_(False)
+  return row
+
+
+def _collate(rows: list[dict]) -> dict:
+  """Stack examples; images [n, V, ...] -> [n V, ...] (views interleaved), other fields repeated V times."""
+  views = rows[0]["image"].shape[0]
+  batch = {}
+  for k in rows[0]:
+    x = np.stack([r[k] for r in rows])
+    batch[k] = x.reshape((-1,) + x.shape[2:]) if k == "image" else np.repeat(x, views, axis=0)
+  return batch
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Counts and drops (train) or masks (eval) bad records, batches, and optionally makes global jax.Arrays."""
+
+  def __init__(self, parent, batch_size: int, pad_to: dict | None, sharding):
+    super().__init__(parent)
+    self._batch_size, self._pad_to, self._sharding = batch_size, pad_to, sharding
+    self._skipped = 0
+
+  @property
+  def skipped(self) -> int:
+    """Bad records met so far by this process (dropped in training, masked in evaluation)."""
+    return self._skipped
+
+  def metrics(self) -> dict[str, int]:
+    return {"data/skipped_records": self._skipped}
+
+  def __next__(self):
+    rows = []
+    while len(rows) < self._batch_size:
+      try:
+        ex = next(self._parent)
+      except StopIteration:
+        if not rows or self._pad_to is None:
+          raise
+        rows.extend(_filler(self._pad_to) for _ in range(self._batch_size - len(rows)))
+        break
+      if "bad" in ex:
+        self._skipped += 1
+        logging.warning("skipping bad record %r: %s (%d bad so far)", ex["key"], ex["bad"], self._skipped)
+      if "bad" not in ex and "pad" not in ex:
+        rows.append(ex)
+      elif self._pad_to is not None:
+        rows.append(_filler(self._pad_to))
+    batch = _collate(rows)
+    if self._sharding is None:
+      return batch
+    import jax  # only the global assembly needs jax; grain workers never import it
+    return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "skipped": self._skipped}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._skipped = int(state["skipped"])
+
+
+class _BatchDataset(grain.IterDataset):
+
+  def __init__(self, parent, batch_size: int, pad_to: dict | None, sharding):
+    super().__init__(parent)
+    self._batch_size, self._pad_to, self._sharding = batch_size, pad_to, sharding
+
+  def __iter__(self) -> _BatchIterator:
+    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._pad_to, self._sharding)
+
+  def __str__(self) -> str:
+    return f"BatchGoodRecords(batch_size={self._batch_size}, pad={self._pad_to is not None})"
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def _local_batch(global_batch_size: int, process_count: int, rows_per_image: int, mesh) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global batch of {global_batch_size} images does not split over {process_count} processes")
+  if mesh is not None:
+    shards = mesh.shape["data"]
+    if global_batch_size * rows_per_image % shards:
+      raise ValueError(f"{global_batch_size * rows_per_image} rows do not split over the mesh's {shards} data shards")
+  return global_batch_size // process_count
+
+
+def _sharding(mesh):
+  if mesh is None:
+    return None
+  from xsample_jax.sharding import batch_sharding
+  return batch_sharding(mesh)
+
+
+def process_slice(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+  """This process's share: every process_count-th element from process_index (disjoint, together everything)."""
+  return ds[process_index::process_count]
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, buffer: int) -> grain.IterDataset:
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
+  if num_workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer))
+  return it
+
+
+def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugment, seed: int,
+                  process_index: int | None = None, process_count: int | None = None, mesh=None,
+                  num_epochs: int | None = None, num_workers: int = 0, read_threads: int = 8,
+                  strict: bool = False, embed_dim: int = EMBED_DIM) -> grain.IterDataset:
+  """Shuffled (reshuffled every epoch), two-view batches of `global_batch_size` images; endless by default.
+
+  Each process reads only its slice of the shuffled order (`process_slice`) and augments with a generator keyed by
+  the element's global position, so no two processes or epochs share augmentation randomness.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  local = _local_batch(global_batch_size, process_count, 2, mesh)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle()
+  ds = ds.random_map(functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict))
+  ds = process_slice(ds, process_index, process_count).repeat(num_epochs)
+  it = _to_iter(ds, num_workers, read_threads, buffer=max(2, local // max(1, num_workers)))
+  return _BatchDataset(it, local, None, _sharding(mesh))
+
+
+def eval_dataset(source, *, global_batch_size: int, image_size: int, process_index: int | None = None,
+                 process_count: int | None = None, mesh=None, crop_fraction: float = 0.875, num_workers: int = 0,
+                 read_threads: int = 8, strict: bool = False, embed_dim: int = EMBED_DIM) -> grain.IterDataset:
+  """One pass in source order, resize + centre crop, padded so all processes yield the same number of batches."""
+  process_index, process_count = _process(process_index, process_count)
+  local = _local_batch(global_batch_size, process_count, 1, mesh)
+  padded = -(-len(source) // process_count) * process_count
+  ds = process_slice(grain.MapDataset.range(padded), process_index, process_count)
+  ds = ds.map(functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
+                                embed_dim=embed_dim, strict=strict))
+  it = _to_iter(ds, num_workers, read_threads, buffer=max(2, local // max(1, num_workers)))
+  # Invalid rows carry the same int fields as real ones (-1), so every batch has one structure.
+  fields = tuple(_labels(source[0])) if len(source) else ("label", "id")
+  pad_to = {"image": (1, image_size, image_size, 3), "embed_dim": embed_dim, "fields": fields}
+  return _BatchDataset(it, local, pad_to, _sharding(mesh))

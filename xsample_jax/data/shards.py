@@ -1,0 +1,140 @@
+"""The caption-shard record format (ArrayRecord) and its reader/writer.
+
+One record = one captioned image:
+  b"XSR1" | u32 key_len | u32 caption_len | u32 image_len | u32 emb_dim | u8 emb_dtype (0 f32, 1 f16) | i64 id
+  | key (utf-8) | caption (utf-8) | image (encoded bytes, as stored: JPEG/PNG/WebP) | embedding (little-endian)
+Fixed-width little-endian header, no pickle: readable from any language, safe to read untrusted data.
+
+A shard directory holds `data-00000.array_record`, ... and `manifest.json` (written by `tools/make_shards.py`):
+{"shards": [...], "written": int, "skipped": int, "skipped_items": [{"key", "reason"}], "embed_dim": int, ...}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import cv2
+import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from array_record.python.array_record_module import ArrayRecordWriter
+
+MAGIC = b"XSR1"
+_HEADER = struct.Struct("<4sIIIIBq")
+_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
+_DTYPE_CODES = {np.dtype("<f4"): 0, np.dtype("<f2"): 1}
+SHARD_PATTERN = "data-{:05d}.array_record"
+
+
+class BadRecordError(ValueError):
+  """A record that cannot be used (undecodable image, empty caption, wrong embedding); the message names it."""
+
+
+def encode_record(*, key: str, caption: str, image: bytes, embedding: np.ndarray, id: int,  # noqa: A002
+                  dtype=np.float32) -> bytes:
+  emb = np.asarray(embedding).astype(np.dtype(dtype).newbyteorder("<")).reshape(-1)
+  k, c = key.encode("utf-8"), caption.encode("utf-8")
+  header = _HEADER.pack(MAGIC, len(k), len(c), len(image), emb.size, _DTYPE_CODES[emb.dtype], id)
+  return b"".join((header, k, c, bytes(image), emb.tobytes()))
+
+
+def decode_record(data: bytes) -> dict:
+  """-> {"key", "caption", "image" (bytes), "text_emb" float32 [emb_dim], "id"}; BadRecordError if malformed."""
+  if len(data) < _HEADER.size:
+    raise BadRecordError(f"record of {len(data)} bytes is shorter than the header")
+  magic, nk, nc, ni, dim, code, rid = _HEADER.unpack_from(data)
+  if magic != MAGIC or code not in _DTYPES:
+    raise BadRecordError(f"not an {MAGIC.decode()} record (magic {magic!r}, dtype code {code})")
+  dt = _DTYPES[code]
+  if len(data) != _HEADER.size + nk + nc + ni + dim * dt.itemsize:
+    raise BadRecordError(f"record length {len(data)} does not match its header")
+  o = _HEADER.size
+  key = data[o:o + nk].decode("utf-8")
+  o += nk
+  caption = data[o:o + nc].decode("utf-8")
+  o += nc
+  image = data[o:o + ni]
+  o += ni
+  emb = np.frombuffer(data, dt, count=dim, offset=o).astype(np.float32)
+  return {"key": key, "caption": caption, "image": image, "text_emb": emb, "id": rid}
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Encoded image bytes -> uint8 RGB [H, W, 3]; BadRecordError if OpenCV cannot decode them."""
+  img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if len(data) else None
+  if img is None or img.size == 0:
+    raise BadRecordError(f"undecodable image ({len(data)} bytes)")
+  return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def record_problem(caption: str, embedding: np.ndarray, embed_dim: int) -> str | None:
+  """Why a caption/embedding pair is unusable, or None if it is fine."""
+  if not caption.strip():
+    return "empty caption"
+  emb = np.asarray(embedding)
+  if emb.ndim != 1 or emb.shape[0] != embed_dim:
+    return f"caption embedding has shape {emb.shape}, expected ({embed_dim},)"
+  if not np.all(np.isfinite(emb)):
+    return "caption embedding is not finite"
+  return None
+
+
+class ShardWriter:
+  """Writes records into numbered ArrayRecord shards of `records_per_shard`; `close()` returns the shard names."""
+
+  def __init__(self, directory: str, records_per_shard: int, first_shard: int = 0):
+    if records_per_shard <= 0:
+      raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
+    self.directory, self.records_per_shard = directory, records_per_shard
+    self.shard_index, self.in_shard = first_shard, 0
+    self.finished: list[str] = []
+    self._writer = None
+    os.makedirs(directory, exist_ok=True)
+
+  def write(self, record: bytes) -> str | None:
+    """Appends one record; returns the name of a shard this call completed, else None."""
+    if self._writer is None:
+      # group_size:1 keeps random access cheap (one record per chunk read), which grain's shuffling needs.
+      self._writer = ArrayRecordWriter(os.path.join(self.directory, SHARD_PATTERN.format(self.shard_index)),
+                                       "group_size:1")
+    self._writer.write(record)
+    self.in_shard += 1
+    if self.in_shard == self.records_per_shard:
+      return self._finish()
+    return None
+
+  def _finish(self) -> str:
+    self._writer.close()
+    self._writer = None
+    name = SHARD_PATTERN.format(self.shard_index)
+    self.finished.append(name)
+    self.shard_index += 1
+    self.in_shard = 0
+    return name
+
+  def close(self) -> list[str]:
+    if self._writer is not None:
+      self._finish()
+    return self.finished
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, "manifest.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} has no manifest.json; write shards with `python -m xsample_jax.tools.make_shards`")
+  with open(path) as f:
+    return json.load(f)
+
+
+def shard_paths(directory: str) -> list[str]:
+  return [os.path.join(directory, name) for name in read_manifest(directory)["shards"]]
+
+
+def iter_records(directory: str):
+  """Every decoded record of a shard directory, in order (for inspection and tests; training uses sources.py)."""
+  paths = shard_paths(directory)
+  if not paths:
+    return
+  src = ArrayRecordDataSource(paths)
+  for i in range(len(src)):
+    yield decode_record(src[i])
