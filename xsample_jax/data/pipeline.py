@@ -34,6 +34,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from xsample_jax.data import augment as aug_lib
 from xsample_jax.data.shards import BadRecordError, decode_image, record_problem
@@ -206,10 +207,16 @@ def process_slice(ds: grain.MapDataset, process_index: int, process_count: int) 
   return ds[process_index::process_count]
 
 
-def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, buffer: int) -> grain.IterDataset:
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
+def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
+  # Enough read-ahead for a batch and a half, so the threads (or each worker's threads) never starve.
+  per_worker = max(2, -(-3 * local_batch // (2 * max(1, num_workers))))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=max(read_threads, per_worker)))
   if num_workers:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer))
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read absl flags; outside absl.app nobody parsed them, so take their defaults.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=per_worker))
   return it
 
 
@@ -227,7 +234,7 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
   ds = grain.MapDataset.source(source).seed(seed).shuffle()
   ds = ds.random_map(functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict))
   ds = process_slice(ds, process_index, process_count).repeat(num_epochs)
-  it = _to_iter(ds, num_workers, read_threads, buffer=max(2, local // max(1, num_workers)))
+  it = _to_iter(ds, num_workers, read_threads, local)
   return _BatchDataset(it, local, None, _sharding(mesh))
 
 
@@ -241,7 +248,7 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, process_ind
   ds = process_slice(grain.MapDataset.range(padded), process_index, process_count)
   ds = ds.map(functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
                                 embed_dim=embed_dim, strict=strict))
-  it = _to_iter(ds, num_workers, read_threads, buffer=max(2, local // max(1, num_workers)))
+  it = _to_iter(ds, num_workers, read_threads, local)
   # Invalid rows carry the same int fields as real ones (-1), so every batch has one structure.
   fields = tuple(_labels(source[0])) if len(source) else ("label", "id")
   pad_to = {"image": (1, image_size, image_size, 3), "embed_dim": embed_dim, "fields": fields}

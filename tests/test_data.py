@@ -1,0 +1,222 @@
+"""The grain pipelines: TFDS label source to a sharded global batch, process slicing, exact resume, bad records."""
+import json
+import logging
+import zlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from jax.sharding import PartitionSpec as P
+
+from xsample_jax.data import augment, pipeline, shards, sources
+
+
+def bow_embed(texts):
+  """Deterministic text embedding: a hashed bag of words projected to 384 dims, L2-normalised."""
+  out = np.zeros((len(texts), 384), np.float64)
+  for i, t in enumerate(texts):
+    for w in t.lower().split():
+      out[i] += np.random.default_rng(zlib.crc32(w.encode())).normal(size=384)
+  return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+AUG = augment.SimCLRAugment(size=16)
+
+
+def _local(batch):
+  return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def _take(it, n):
+  return [_local(next(it)) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_tfds_label_source_to_sharded_global_batch(mesh, tmp_path):
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    src = sources.tfds_label_source("cifar10", "train", embed_fn=bow_embed, cache_dir=str(tmp_path))
+    assert len(src) == 40 and src.captions[3] == "a photo of a 3"
+    # The class table is cached: a second source needs no embed_fn.
+    again = sources.tfds_label_source("cifar10", "train", embed_fn=None, cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(again.table, src.table)
+    np.testing.assert_allclose(src.table, bow_embed(src.captions), atol=1e-6)
+
+    ds = pipeline.train_dataset(src, global_batch_size=8, augment=AUG, seed=1, mesh=mesh)
+    batch = next(iter(ds))
+  assert set(batch) == {"image", "text_emb", "label", "id"}
+  assert batch["image"].shape == (16, 16, 16, 3) and batch["image"].dtype == np.uint8
+  assert batch["text_emb"].shape == (16, 384) and batch["label"].shape == batch["id"].shape == (16,)
+  for leaf in batch.values():
+    assert isinstance(leaf, jax.Array) and leaf.sharding.spec == P("data")
+    assert len(leaf.addressable_shards) == 8 and leaf.addressable_shards[0].data.shape[0] == 2
+  b = _local(batch)
+  np.testing.assert_array_equal(b["id"][0::2], b["id"][1::2])  # rows 2i, 2i+1: the two views of image i
+  assert len(set(b["id"][0::2])) == 8
+  np.testing.assert_array_equal(b["text_emb"], src.table[b["label"]])  # the graph input is a class lookup
+  assert not np.array_equal(b["image"][0::2], b["image"][1::2])
+
+
+def test_wordnet_label_names_need_readable_class_names(tmp_path):
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match="WordNet ids"):
+      sources.tfds_label_source("imagenet2012", "validation", embed_fn=bow_embed)
+    with pytest.raises(ValueError, match="3 class names for"):
+      sources.tfds_label_source("cifar10", "train", embed_fn=bow_embed, class_names=["a", "b", "c"])
+  with pytest.raises(ValueError, match="no embed_fn"):
+    sources.caption_table(["a photo of a cat"], None, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def procedural():
+  return sources.procedural_source("train", 24, image_size=24)
+
+
+def test_process_slices_cover_the_dataset_once(procedural):
+  seen = []
+  for process_index in range(2):
+    ds = pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=3, num_epochs=1,
+                                process_index=process_index, process_count=2)
+    ids = np.concatenate([b["id"][0::2] for b in ds])
+    assert len(ids) == 12
+    seen.append(ids)
+  assert not set(seen[0]) & set(seen[1])
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(24))
+  # The same holds for the (unshuffled, padded) evaluation pipeline with an uneven split.
+  ev = [np.concatenate([b["id"][b["valid"]] for b in pipeline.eval_dataset(
+      sources.procedural_source("mixed_rand", 11, image_size=24), global_batch_size=4, image_size=16,
+      process_index=p, process_count=2)]) for p in range(2)]
+  assert len(ev[0]) == 6 and len(ev[1]) == 5
+  np.testing.assert_array_equal(np.sort(np.concatenate(ev)), np.arange(11))
+
+
+def test_process_slice_function():
+  import grain
+  ds = grain.MapDataset.range(10)
+  parts = [list(pipeline.process_slice(ds, i, 3)) for i in range(3)]
+  assert sorted(sum(parts, [])) == list(range(10)) and parts[0] == [0, 3, 6, 9]
+
+
+def test_every_epoch_is_a_permutation_and_reshuffled(procedural):
+  it = iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=0, process_index=0,
+                                   process_count=1))
+  ids = np.concatenate([b["id"][0::2] for b in _take(it, 6)])  # two epochs of 24
+  np.testing.assert_array_equal(np.sort(ids[:24]), np.arange(24))
+  np.testing.assert_array_equal(np.sort(ids[24:]), np.arange(24))
+  assert not np.array_equal(ids[:24], ids[24:])
+
+
+def test_deterministic_for_a_seed(procedural):
+  def first(seed):
+    return _take(iter(pipeline.train_dataset(procedural, global_batch_size=4, augment=AUG, seed=seed,
+                                             process_index=0, process_count=1, read_threads=4)), 2)
+  a, b, c = first(5), first(5), first(6)
+  _assert_same(a, b)
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_saved_state_yields_identical_batches(procedural, mesh, num_workers):
+  def make():
+    return iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=7, mesh=mesh,
+                                       num_workers=num_workers))
+  it = make()
+  _take(it, 4)  # past the first epoch boundary (24 images = 3 batches)
+  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+  expected = _take(it, 3)
+  restored = make()
+  restored.set_state(state)
+  _assert_same(_take(restored, 3), expected)
+  it.close()
+  restored.close()
+  if num_workers:  # worker processes change nothing in the stream
+    reference = iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=7, mesh=mesh))
+    _assert_same(_take(reference, 7)[4:], expected)
+
+
+def _write_shards(directory, records):
+  writer = shards.ShardWriter(str(directory), records_per_shard=4)
+  for r in records:
+    writer.write(shards.encode_record(**r))
+  names = [f"data-{i:05d}.array_record" for i in range(writer.shard_index + (writer.in_shard > 0))]
+  writer.close()
+  (directory / "manifest.json").write_text(json.dumps({"shards": names, "written": len(records), "skipped": 0,
+                                                        "skipped_items": []}))
+
+
+@pytest.fixture
+def shards_with_bad_records(tmp_path):
+  import cv2
+  recs, bad = [], {}
+  for i in range(12):
+    img = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    cap = f"picture {i} of a boat"
+    recs.append(dict(key=f"k{i}", caption=cap, image=cv2.imencode(".png", img)[1].tobytes(),
+                     embedding=bow_embed([cap])[0], id=i))
+  recs[2]["image"] = b"not an image"
+  bad["k2"] = "undecodable image"
+  recs[5]["caption"] = ""
+  bad["k5"] = "empty caption"
+  recs[9]["embedding"] = np.ones(100, np.float32)
+  bad["k9"] = "shape (100,)"
+  _write_shards(tmp_path, recs)
+  return sources.CaptionShardSource(str(tmp_path)), bad
+
+
+def test_bad_records_are_skipped_counted_and_logged(shards_with_bad_records, caplog):
+  src, bad = shards_with_bad_records
+  ds = pipeline.train_dataset(src, global_batch_size=3, augment=AUG, seed=0, num_epochs=1, process_index=0,
+                              process_count=1)
+  it = iter(ds)
+  with caplog.at_level(logging.WARNING):
+    batches = list(it)
+  ids = np.concatenate([b["id"][0::2] for b in batches])
+  assert sorted(ids) == [i for i in range(12) if f"k{i}" not in bad]
+  assert it.skipped == 3 and it.metrics() == {"data/skipped_records": 3}
+  assert it.get_state()["skipped"] == 3
+  for key, reason in bad.items():
+    assert any(key in r.getMessage() and reason in r.getMessage() for r in caplog.records), key
+  assert all((b["label"] == -1).all() for b in batches)
+
+  # Evaluation masks them instead, keeping one row per record.
+  ev = pipeline.eval_dataset(src, global_batch_size=5, image_size=16, process_index=0, process_count=1)
+  it = iter(ev)
+  batches = list(it)
+  valid = np.concatenate([b["valid"] for b in batches])
+  ids = np.concatenate([b["id"] for b in batches])
+  assert len(valid) == 15 and it.skipped == 3
+  assert sorted(ids[valid]) == [i for i in range(12) if f"k{i}" not in bad]
+
+
+def test_strict_mode_raises_naming_the_record(shards_with_bad_records):
+  src, _ = shards_with_bad_records
+  ds = pipeline.train_dataset(src, global_batch_size=12, augment=AUG, seed=0, num_epochs=1, process_index=0,
+                              process_count=1, strict=True)
+  with pytest.raises(shards.BadRecordError, match=r"'k(2|5|9)'"):
+    next(iter(ds))
+
+
+def test_eval_batches_are_padded_and_centre_cropped(mesh):
+  src = sources.procedural_source("mixed_same", 10, image_size=32)
+  batches = list(pipeline.eval_dataset(src, global_batch_size=8, image_size=28, mesh=mesh))
+  assert len(batches) == 2
+  last = _local(batches[1])
+  assert last["image"].shape == (8, 28, 28, 3) and last["valid"].tolist() == [True] * 2 + [False] * 6
+  assert (last["id"][2:] == -1).all() and (last["image"][2:] == 0).all()
+  first = _local(batches[0])
+  np.testing.assert_array_equal(first["image"][0], augment.eval_view(src[0]["image"], 28))
+  np.testing.assert_array_equal(first["background"], [src[i]["background"] for i in range(8)])
+
+
+def test_batch_size_must_split_over_processes_and_devices(procedural, mesh):
+  with pytest.raises(ValueError, match="processes"):
+    pipeline.train_dataset(procedural, global_batch_size=7, augment=AUG, seed=0, process_index=0, process_count=2)
+  with pytest.raises(ValueError, match="data shards"):
+    pipeline.eval_dataset(procedural, global_batch_size=6, image_size=16, mesh=mesh)
