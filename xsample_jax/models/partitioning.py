@@ -62,7 +62,7 @@ def logical_to_spec(names, shape, rules: LogicalRules, mesh: Mesh, *, min_size: 
     if eligible and n > 1:
       best = max(eligible, key=lambda i: shape[i])  # max() keeps the first of equal sizes
       spec[best] = mesh_axis
-  return P(*spec)
+  return P(*spec) if any(spec) else P()
 
 
 def state_shardings(state, mesh: Mesh, mode: str = "replicate", *, min_size: int = DEFAULT_MIN_SIZE):
