@@ -1,0 +1,113 @@
+"""X-Sample loss: wall time and peak memory of a jitted forward+backward, dense vs blockwise.
+
+    python -m benchmarks.loss_bench                       # N = 4096 .. 65536, both impls
+    python -m benchmarks.loss_bench --n 16384 32768 --impl blockwise --dtype bfloat16
+
+One JSON line per (impl, N). Each measurement runs in a fresh subprocess so that its peak RSS
+(ru_maxrss, the whole process: runtime + inputs + loss) is its own. The matmul floor is the time that
+the dense FLOPs (6 N^2 D + 2 N^2 E) take at the matmul rate measured in this run by plain jnp.dot's of
+comparable shapes ([4096, K] @ [K, 8192] for K = D and K = E, in the benchmark's dtype).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+GIB = 1 << 30
+
+
+def _peak_rss_gib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss is KiB on Linux
+
+
+def _timed(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_rates(d, e, dtype, repeats=5):
+  """FLOP/s of [4096, K] @ [K, 8192] for K = d and K = e (f32 accumulation)."""
+  import jax
+  import jax.numpy as jnp
+  rates = {}
+  for k in (d, e):
+    a = jax.random.normal(jax.random.key(0), (4096, k), dtype)
+    b = jax.random.normal(jax.random.key(1), (k, 8192), dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    rates[k] = 2 * 4096 * 8192 * k / _timed(lambda: f(a, b).block_until_ready(), repeats)
+  return rates
+
+
+def worker(args):
+  import jax
+  import jax.numpy as jnp
+  from xsample_jax import losses
+  dtype = jnp.dtype(args.dtype)
+  n = args.n[0]
+  z = jax.random.normal(jax.random.key(0), (n, args.d), dtype)
+  c = jax.random.normal(jax.random.key(1), (n, args.e), dtype)
+  jax.block_until_ready((z, c))
+  rss_inputs = _peak_rss_gib()
+  step = jax.jit(jax.value_and_grad(lambda z, c: losses.xsample_loss(z, c, impl=args.impl[0])))
+  t0 = time.perf_counter()
+  compiled = step.lower(z, c).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(z, c))  # warm-up
+  wall = _timed(lambda: jax.block_until_ready(compiled(z, c)), args.repeats)
+  print(json.dumps({"wall_s": wall, "compile_s": compile_s, "peak_rss_gib": _peak_rss_gib(),
+                    "rss_after_inputs_gib": rss_inputs}))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
+  p.add_argument("--d", type=int, default=128)
+  p.add_argument("--e", type=int, default=384)
+  p.add_argument("--impl", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise", "auto"])
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dense-max-gib", type=float, default=4.0,
+                 help="skip dense when one N x N f32 buffer is larger than this")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    return worker(args)
+
+  import jax
+  import jax.numpy as jnp
+  rates = matmul_rates(args.d, args.e, jnp.dtype(args.dtype))
+  backend = jax.default_backend()
+  for n in args.n:
+    flops = 6 * n * n * args.d + 2 * n * n * args.e
+    floor_s = 6 * n * n * args.d / rates[args.d] + 2 * n * n * args.e / rates[args.e]
+    for impl in args.impl:
+      row = {"impl": impl, "n": n, "d": args.d, "e": args.e, "dtype": args.dtype, "backend": backend,
+             "dense_flops": flops, "matmul_floor_s": floor_s,
+             "matmul_tflops": {str(k): v / 1e12 for k, v in rates.items()}}
+      if impl == "dense" and n * n * 4 > args.dense_max_gib * GIB:
+        row["skipped"] = f"one N x N f32 buffer is {n * n * 4 / GIB:.0f} GiB"
+        print(json.dumps(row), flush=True)
+        continue
+      cmd = [sys.executable, "-m", "benchmarks.loss_bench", "--worker", "--n", str(n), "--d", str(args.d),
+             "--e", str(args.e), "--impl", impl, "--dtype", args.dtype, "--repeats", str(args.repeats)]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode != 0:
+        row["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+      else:
+        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row["ratio_to_matmul_floor"] = row["wall_s"] / floor_s
+      print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
