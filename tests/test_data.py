@@ -220,3 +220,22 @@ def test_batch_size_must_split_over_processes_and_devices(procedural, mesh):
     pipeline.train_dataset(procedural, global_batch_size=7, augment=AUG, seed=0, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="data shards"):
     pipeline.eval_dataset(procedural, global_batch_size=6, image_size=16, mesh=mesh)
+
+
+def test_iterator_checkpoints_with_orbax_and_grains_handler(procedural, tmp_path):
+  import grain
+  import orbax.checkpoint as ocp
+
+  def make():
+    return iter(pipeline.train_dataset(procedural, global_batch_size=4, augment=AUG, seed=2, process_index=0,
+                                       process_count=1))
+  it = make()
+  _take(it, 3)
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_handlers={"data": grain.checkpoint.CheckpointHandler()})
+  mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+  mngr.wait_until_finished()
+  expected = _take(it, 2)
+  restored = make()
+  mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  _assert_same(_take(restored, 2), expected)
+  mngr.close()

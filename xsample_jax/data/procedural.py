@@ -114,7 +114,8 @@ def render(f: dict, size: int, rng: np.random.Generator) -> np.ndarray:
   yy, xx = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / n
   base = np.asarray(BG_COLOURS[_BG_NAMES[f["bg_colour"]]], np.float32)
   alt = base * 0.55 + 255 * 0.45  # the texture's second tone
-  t = (xx, yy, (xx + yy) / np.sqrt(2))[f["bg_orient"]]  # stripe direction
+  orient = f["bg_orient"]
+  t = xx if orient == 0 else yy if orient == 1 else (xx + yy) * np.float32(1 / np.sqrt(2))  # stripe direction
   px, py = f["bg_phase"]
   period = f["bg_period"]
   texture = TEXTURES[f["texture"]]
@@ -136,7 +137,7 @@ def render(f: dict, size: int, rng: np.random.Generator) -> np.ndarray:
   colour = np.asarray(COLOURS[_COLOUR_NAMES[f["colour"]]], np.float32) * rng.uniform(0.85, 1.1)
   img = np.where(mask[..., None], colour, img)
   img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-  img = img + rng.normal(0, 6.0, img.shape)  # sensor-like noise, so no two images are pixel-identical
+  img += rng.standard_normal(img.shape, dtype=np.float32) * 6.0  # sensor-like noise: no two images alike
   return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
