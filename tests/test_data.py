@@ -239,3 +239,13 @@ def test_iterator_checkpoints_with_orbax_and_grains_handler(procedural, tmp_path
   mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
   _assert_same(_take(restored, 2), expected)
   mngr.close()
+
+
+def test_get_source_from_config_strings(tmp_path, shards_with_bad_records):
+  src = sources.get_source("procedural", "mixed_same", num_examples=3, image_size=16)
+  assert len(src) == 3 and src[0]["image"].shape == (16, 16, 3)
+  assert len(sources.get_source(f"shards:{tmp_path}", "train")) == 12
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    assert len(sources.get_source("tfds:cifar10", "test", embed_fn=bow_embed)) == 5
+  with pytest.raises(ValueError, match="unknown data source"):
+    sources.get_source("webdataset:/x", "train")

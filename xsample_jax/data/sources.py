@@ -181,3 +181,21 @@ def procedural_source(split: str = "train", num_examples: int = 50_000, *, image
   images = procedural.ProceduralSource(split, num_examples, image_size=image_size, seed=seed,
                                        bg_correlation=bg_correlation)
   return ProceduralCaptionSource(images, procedural_caption_table(embed_fn))
+
+
+def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None, **kwargs):
+  """A source from a config string: "procedural", "tfds:NAME" (e.g. tfds:cifar10) or "shards:DIR".
+
+  split: the procedural split / TFDS split; for shards, a subdirectory DIR/split if it exists, else DIR itself.
+  kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation) or `tfds_label_source`
+  (template, class_names, cache_dir).
+  """
+  kind, _, arg = spec.partition(":")
+  if kind == "procedural" and not arg:
+    return procedural_source(split, embed_fn=embed_fn, **kwargs)
+  if kind == "tfds" and arg:
+    return tfds_label_source(arg, split, embed_fn=embed_fn, data_dir=data_dir, **kwargs)
+  if kind == "shards" and arg:
+    sub = os.path.join(arg, split)
+    return CaptionShardSource(sub if os.path.isdir(sub) else arg)
+  raise ValueError(f"unknown data source {spec!r}: use 'procedural', 'tfds:NAME' or 'shards:DIR'")
