@@ -25,6 +25,8 @@ and masked (valid False) in evaluation, counted, and logged with their key; with
 Checkpointing: `it.get_state()` / `it.set_state(state)` (JSON-able dict; also works with
 `grain.checkpoint.CheckpointHandler` in an orbax CheckpointManager) restore the exact stream of batches.
 Determinism: the stream depends only on (source, seed, batch size, process index/count); not on worker counts.
+Multi-host: train endlessly (num_epochs=None, the trainer counts steps); with a finite num_epochs processes whose
+slices differ by one element can end a batch apart.
 """
 from __future__ import annotations
 
