@@ -31,6 +31,11 @@ def test_two_views_deterministic_for_a_seed_and_different_from_each_other():
   views = np.stack([augment.two_views(img, np.random.default_rng(s), AUG) for s in range(30)])
   assert np.mean([np.array_equal(v[0], v[1]) for v in views]) == 0
   assert views.min() < 30 and views.max() > 225
+  # The float stages stay inside [0, 1] whatever the draw.
+  x = img.astype(np.float32) / 255
+  for s in range(20):
+    y = augment.color_jitter(x, np.random.default_rng(s), 1.0)
+    assert y.dtype == np.float32 and y.min() >= 0 and y.max() <= 1
 
 
 def test_random_resized_crop_box_respects_scale_and_ratio():
