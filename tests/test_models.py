@@ -117,10 +117,10 @@ def test_zero_init_residual():
       np.testing.assert_array_equal(bn1, 1.0)
       np.testing.assert_array_equal(bn2, 0.0 if zero else 1.0)  # each block's last BN
   # a zero-scaled residual branch leaves a block without projection as relu(x)
-  block = resnet.BasicBlock(resnet._Layers(nnx.Rngs(0)), 16, 16, 1, True)
+  block = resnet.BasicBlock(resnet.Layers(nnx.Rngs(0)), 16, 16, 1, True)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 16))
   np.testing.assert_allclose(block(x), jax.nn.relu(x), atol=1e-6)
-  bottleneck = nnx.eval_shape(lambda: resnet.Bottleneck(resnet._Layers(nnx.Rngs(0)), 64, 16, 1, True))
+  bottleneck = nnx.eval_shape(lambda: resnet.Bottleneck(resnet.Layers(nnx.Rngs(0)), 64, 16, 1, True))
   assert bottleneck.bn3.scale.shape == (64,)  # where ResNet-50 puts the zero scale (same flag, same helper)
 
 
@@ -133,7 +133,7 @@ def np_batchnorm(x, scale, bias, eps=1e-5):
 
 
 def test_batchnorm_global_statistics_under_sharded_jit(mesh):
-  bn = resnet._Layers(nnx.Rngs(0)).bn(16)  # a BatchNorm exactly as resnet.py configures them
+  bn = resnet.Layers(nnx.Rngs(0)).bn(16)  # a BatchNorm exactly as resnet.py configures them
   bn.scale[...] = jnp.linspace(0.5, 1.5, 16)
   bn.bias[...] = jnp.linspace(-1, 1, 16)
   # Each device's rows get their own offset, so per-shard statistics would be far from the global ones.
@@ -226,6 +226,26 @@ def test_sharded_forward_equals_unsharded(mesh, encoder_states, variant, train):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats(s8), stats(s1))
   moved = not np.allclose(stats(s1)["head"]["norms"][0]["mean"], 0.0)
   assert moved == train  # running statistics update in train mode only
+
+
+def test_sharded_gradients_equal_unsharded(mesh, encoder_states):
+  """The train step's backward pass through global BatchNorm: same gradients with the batch split 8 ways."""
+  gdef, state = graphdef(BUILD["resnet_tiny"]), encoder_states["resnet_tiny"]
+  x = jax.random.normal(jax.random.key(4), (16, 32, 32, 3))
+
+  @nnx.jit
+  def grads(model, x):
+    def loss(model):
+      _, z = model(x)
+      return jnp.mean(jnp.sum(z * jnp.roll(z, 1, axis=0), axis=1))  # couples rows across devices
+    return nnx.grad(loss)(model)  # w.r.t. the Params; BatchStat updates are carried out
+
+  g1 = grads(nnx.merge(gdef, state), jax.device_put(x, jax.devices()[0]))
+  fsdp = partitioning.state_shardings(state, mesh, "fsdp", min_size=1024)
+  g8 = grads(nnx.merge(gdef, jax.device_put(state, fsdp)), jax.device_put(x, batch_sharding(mesh)))
+  # float32 reduction order differs between the layouts: compare at 1e-4 of each tensor's scale
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max()), g8, g1)
+  assert np.abs(g1["tower"]["stem_conv"]["kernel"][...]).max() > 0
 
 
 def _shard_map_forward(gdef, mesh):

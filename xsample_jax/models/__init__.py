@@ -25,7 +25,7 @@ TEXT_TOWERS = tuple(text.VARIANTS)
 def make_image_tower(variant: str, *, rngs: nnx.Rngs, dtype=None, **kwargs) -> resnet.ResNet | vit.ViT:
   """A backbone returning pooled features [B, tower.width].
 
-  ResNet kwargs: zero_init_residual, bn_axis_name, bn_momentum, in_channels.
+  ResNet kwargs: zero_init_residual, bn_axis_name, bn_momentum, stem ('imagenet' | 'cifar'), in_channels.
   ViT kwargs: image_size (default 224), pool ('gap' | 'cls'), posemb ('learn' | 'sincos2d'), in_channels.
   """
   if variant in resnet.VARIANTS:

@@ -36,8 +36,8 @@ VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layers:
-  """What every conv / BN in one network shares."""
+class Layers:
+  """Makes the convs and BNs of one network, all with the same dtype, init and BatchNorm settings."""
   rngs: nnx.Rngs
   dtype: object = None
   bn_axis_name: str | None = None
@@ -56,25 +56,25 @@ class _Layers:
 
 
 class _Shortcut(nnx.Module):
-  def __init__(self, L: _Layers, cin: int, cout: int, stride: int):
-    self.conv = L.conv(cin, cout, 1, stride)
-    self.bn = L.bn(cout)
+  def __init__(self, make: Layers, cin: int, cout: int, stride: int):
+    self.conv = make.conv(cin, cout, 1, stride)
+    self.bn = make.bn(cout)
 
   def __call__(self, x):
     return self.bn(self.conv(x))
 
 
-def _shortcut(L: _Layers, cin: int, cout: int, stride: int):
-  return _Shortcut(L, cin, cout, stride) if (stride != 1 or cin != cout) else None
+def _shortcut(make: Layers, cin: int, cout: int, stride: int):
+  return _Shortcut(make, cin, cout, stride) if (stride != 1 or cin != cout) else None
 
 
 class BasicBlock(nnx.Module):
   expansion = 1
 
-  def __init__(self, L: _Layers, cin: int, width: int, stride: int, zero_init_last: bool):
-    self.conv1, self.bn1 = L.conv(cin, width, 3, stride), L.bn(width)
-    self.conv2, self.bn2 = L.conv(width, width, 3), L.bn(width, zero_init_last)
-    self.shortcut = _shortcut(L, cin, width, stride)
+  def __init__(self, make: Layers, cin: int, width: int, stride: int, zero_init_last: bool):
+    self.conv1, self.bn1 = make.conv(cin, width, 3, stride), make.bn(width)
+    self.conv2, self.bn2 = make.conv(width, width, 3), make.bn(width, zero_init_last)
+    self.shortcut = _shortcut(make, cin, width, stride)
 
   def __call__(self, x):
     y = jax.nn.relu(self.bn1(self.conv1(x)))
@@ -85,12 +85,12 @@ class BasicBlock(nnx.Module):
 class Bottleneck(nnx.Module):
   expansion = 4
 
-  def __init__(self, L: _Layers, cin: int, width: int, stride: int, zero_init_last: bool):
+  def __init__(self, make: Layers, cin: int, width: int, stride: int, zero_init_last: bool):
     cout = width * self.expansion
-    self.conv1, self.bn1 = L.conv(cin, width, 1), L.bn(width)
-    self.conv2, self.bn2 = L.conv(width, width, 3, stride), L.bn(width)
-    self.conv3, self.bn3 = L.conv(width, cout, 1), L.bn(cout, zero_init_last)
-    self.shortcut = _shortcut(L, cin, cout, stride)
+    self.conv1, self.bn1 = make.conv(cin, width, 1), make.bn(width)
+    self.conv2, self.bn2 = make.conv(width, width, 3, stride), make.bn(width)
+    self.conv3, self.bn3 = make.conv(width, cout, 1), make.bn(cout, zero_init_last)
+    self.shortcut = _shortcut(make, cin, cout, stride)
 
   def __call__(self, x):
     y = jax.nn.relu(self.bn1(self.conv1(x)))
@@ -102,20 +102,22 @@ class Bottleneck(nnx.Module):
 class ResNet(nnx.Module):
 
   def __init__(self, cfg: ResNetConfig, *, in_channels: int = 3, zero_init_residual: bool = False,
-               bn_axis_name: str | None = None, bn_momentum: float = 0.9, dtype=None, rngs: nnx.Rngs):
-    if cfg.stem not in STEMS:
-      raise ValueError(f"unknown stem {cfg.stem!r}; valid: {STEMS}")
+               bn_axis_name: str | None = None, bn_momentum: float = 0.9, stem: str | None = None, dtype=None,
+               rngs: nnx.Rngs):
+    """`stem` overrides the variant's (e.g. "cifar" for a ResNet-18 on 32 px images)."""
+    stem = stem or cfg.stem
+    if stem not in STEMS:
+      raise ValueError(f"unknown stem {stem!r}; valid: {STEMS}")
     block = {"basic": BasicBlock, "bottleneck": Bottleneck}[cfg.block]
-    L = _Layers(rngs, dtype, bn_axis_name, bn_momentum)
-    self.stem = cfg.stem
-    self.stem_conv = L.conv(in_channels, cfg.width, 7 if cfg.stem == "imagenet" else 3,
-                            2 if cfg.stem == "imagenet" else 1)
-    self.stem_bn = L.bn(cfg.width)
+    make = Layers(rngs, dtype, bn_axis_name, bn_momentum)
+    self.stem = stem
+    self.stem_conv = make.conv(in_channels, cfg.width, 7 if stem == "imagenet" else 3, 2 if stem == "imagenet" else 1)
+    self.stem_bn = make.bn(cfg.width)
     blocks, cin = [], cfg.width
     for i, n in enumerate(cfg.stage_sizes):
       width = cfg.width * 2**i
       for j in range(n):
-        blocks.append(block(L, cin, width, 2 if (i > 0 and j == 0) else 1, zero_init_residual))
+        blocks.append(block(make, cin, width, 2 if (i > 0 and j == 0) else 1, zero_init_residual))
         cin = width * block.expansion
     self.blocks = nnx.List(blocks)
     self.width = cin
