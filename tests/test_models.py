@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -298,6 +299,17 @@ def test_fsdp_init_shards_largest_dimension(mesh, encoder_states):
 
   replicated = partitioning.state_shardings(abstract, mesh, "replicate", min_size=1)
   assert all(s.spec == P() for s in jax.tree.leaves(replicated))
+
+
+def test_optimizer_state_follows_parameter_shardings(mesh):
+  """Adam's moments inherit the parameters' annotations, so one call shards the whole train state alike."""
+  model, opt = nnx.eval_shape(lambda: (m := BUILD["vit_tiny"](), nnx.Optimizer(m, optax.adamw(1e-3), wrt=nnx.Param)))
+  specs = lambda state: jax.tree.leaves(jax.tree.map(
+      lambda s: s.spec, partitioning.state_shardings(state, mesh, "fsdp", min_size=1024)))
+  param_specs = specs(nnx.state(model, nnx.Param))
+  assert P(None, DATA) in param_specs
+  for moment in ("mu", "nu"):
+    assert specs(nnx.state(opt)["opt_state"][0][moment]) == param_specs
 
 
 def test_fsdp_rules_on_resnet50_abstract_state(mesh):
