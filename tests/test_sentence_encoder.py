@@ -73,8 +73,8 @@ def test_compiles_once_per_bucket():
   before = enc.forward._cache_size()
   se.embed_texts(texts[::-1], batch_size=8)  # 5 batches, same bucket and row count: nothing new
   assert enc.forward._cache_size() == before
-  assert se.length_buckets(256) == (16, 32, 64, 96, 128, 160, 192, 224, 256)
-  assert se.length_buckets(100) == (16, 32, 64, 96, 100)
+  assert se.length_buckets(256) == tuple(range(16, 257, 16))
+  assert se.length_buckets(100, smallest=4, step=32) == (4, 8, 16, 32, 64, 96, 100)
   assert se.length_buckets(8) == (8,)
 
 

@@ -232,10 +232,11 @@ def load_sentence_encoder(model_dir=None) -> LoadedEncoder:
   return _load(_check_model_dir(model_dir))
 
 
-def length_buckets(max_length: int, smallest: int = 16, step: int = 32) -> tuple[int, ...]:
-  """Padded sequence lengths: powers of two from `smallest` up to `step`, then multiples of `step`, ending at
-  `max_length`. Linear steps at the long end keep padding waste under ~25%, where a doubling would waste up to 50%
-  of the most expensive batches; each length compiles once."""
+def length_buckets(max_length: int, smallest: int = 16, step: int = 16) -> tuple[int, ...]:
+  """Padded sequence lengths: powers of two from `smallest` below `step`, then multiples of `step`, ending at
+  `max_length`. Batches are sorted by length, so the padding that matters is from a batch's longest text up to its
+  bucket: on generated captions 16-steps pad to 1.20x the real tokens (exact per-batch padding: 1.05x, 32-steps:
+  1.31x, powers of two: more); each of the <= 16 lengths compiles once."""
   out, n = [], smallest
   while n < min(step, max_length):
     out.append(n)
@@ -272,18 +273,26 @@ def embed_texts(texts: Sequence[str], *, model_dir=None, batch_size: int = 256, 
   n_dev = enc.mesh.devices.size
   rows = min(batch_size, 1 << (n - 1).bit_length())
   rows = -(-rows // n_dev) * n_dev
-  starts = range(0, n, rows)
+  bar = None
   if progress:
     from tqdm import tqdm
-    starts = tqdm(starts, total=len(starts), desc="embedding", unit="batch")
+    bar = tqdm(total=n, desc="embedding", unit="text")
+
+  def collect(idx, emb):
+    out[idx] = np.asarray(emb)[:len(idx)]
+    if bar is not None:
+      bar.update(len(idx))
+
   pending = None  # dispatch the next batch before copying the previous one back
-  for start in starts:
+  for start in range(0, n, rows):
     idx = order[start:start + rows]
     length = next(b for b in buckets if b >= lengths[idx].max())
     batch_ids, batch_mask = wordpiece.pad([ids[i] for i in idx], length, rows)
     emb = enc.embed(batch_ids, batch_mask)
     if pending is not None:
-      out[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+      collect(*pending)
     pending = (idx, emb)
-  out[pending[0]] = np.asarray(pending[1])[:len(pending[0])]
+  collect(*pending)
+  if bar is not None:
+    bar.close()
   return out
