@@ -149,7 +149,7 @@ def test_bad_texts_are_named():
 
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "xsample_jax.tools.embed_text", *map(str, args)],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1])
 
 
 @needs_weights
