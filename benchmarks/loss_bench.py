@@ -6,7 +6,8 @@
 One JSON line per (impl, N). Each measurement runs in a fresh subprocess so that its peak RSS
 (ru_maxrss, the whole process: runtime + inputs + loss) is its own. The matmul floor is the time that
 the dense FLOPs (6 N^2 D + 2 N^2 E) take at the matmul rate measured in this run by plain jnp.dot's of
-comparable shapes ([4096, K] @ [K, 8192] for K = D and K = E, in the benchmark's dtype; the best of 7 runs).
+comparable shapes ([rows, K] @ [K, cols] for K = D and K = E in the benchmark's dtype, the best over FLOOR_SHAPES
+and 7 runs each).
 Wall times are medians of --repeats runs after a warm-up.
 """
 from __future__ import annotations
@@ -35,20 +36,28 @@ def _times(fn, repeats):
   return times
 
 
-def matmul_rates(d, e, dtype, repeats=7):
-  """Best FLOP/s of [4096, K] @ [K, 8192] for K = d and K = e (f32 accumulation).
+# (rows, cols) of the plain matmuls [rows, K] @ [K, cols] whose best rate sets the floor: a wide panel like the
+# blockwise kernel's, a squarer block, and a square one.
+FLOOR_SHAPES = ((512, 32768), (4096, 8192), (2048, 2048))
 
-  The fastest of the repeats, not the median: a floor should be what the machine can do at best.
+
+def matmul_rates(d, e, dtype, repeats=7):
+  """For K = d and K = e: the best FLOP/s of plain jnp.dot's [rows, K] @ [K, cols] over FLOOR_SHAPES.
+
+  The fastest shape and the fastest of the repeats, not the median: a floor is what the machine can do at best.
   """
   import jax
   import jax.numpy as jnp
   rates = {}
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   for k in (d, e):
-    a = jax.random.normal(jax.random.key(0), (4096, k), dtype)
-    b = jax.random.normal(jax.random.key(1), (k, 8192), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    f(a, b).block_until_ready()
-    rates[k] = 2 * 4096 * 8192 * k / min(_times(lambda: f(a, b).block_until_ready(), repeats))
+    best = 0.0
+    for rows, cols in FLOOR_SHAPES:
+      a = jax.random.normal(jax.random.key(0), (rows, k), dtype)
+      b = jax.random.normal(jax.random.key(1), (k, cols), dtype)
+      f(a, b).block_until_ready()
+      best = max(best, 2 * rows * cols * k / min(_times(lambda: f(a, b).block_until_ready(), repeats)))
+    rates[k] = best
   return rates
 
 

@@ -1,7 +1,6 @@
 """The grain pipelines: TFDS label source to a sharded global batch, process slicing, exact resume, bad records."""
 import json
 import logging
-import zlib
 
 import jax
 import numpy as np
@@ -10,16 +9,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import PartitionSpec as P
 
 from xsample_jax.data import augment, pipeline, shards, sources
-
-
-def bow_embed(texts):
-  """Deterministic text embedding: a hashed bag of words projected to 384 dims, L2-normalised."""
-  out = np.zeros((len(texts), 384), np.float64)
-  for i, t in enumerate(texts):
-    for w in t.lower().split():
-      out[i] += np.random.default_rng(zlib.crc32(w.encode())).normal(size=384)
-  return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
+from tests.helpers import bow_embed
 
 AUG = augment.SimCLRAugment(size=16)
 

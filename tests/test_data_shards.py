@@ -3,7 +3,6 @@ import importlib.util
 import io
 import json
 import tarfile
-import zlib
 
 import cv2
 import numpy as np
@@ -12,15 +11,7 @@ import pytest
 from xsample_jax.data import shards
 from xsample_jax.data.sources import CaptionShardSource
 from xsample_jax.tools import make_shards as ms
-
-
-def bow_embed(texts):
-  """Deterministic text embedding: a hashed bag of words projected to 384 dims, L2-normalised."""
-  out = np.zeros((len(texts), 384), np.float64)
-  for i, t in enumerate(texts):
-    for w in t.lower().split():
-      out[i] += np.random.default_rng(zlib.crc32(w.encode())).normal(size=384)
-  return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+from tests.helpers import bow_embed
 
 
 def _image(seed, h=20, w=24):
