@@ -7,7 +7,6 @@ and shard_map regions (the losses) say explicitly what is local and what is glob
 from __future__ import annotations
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -31,11 +30,3 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over 'data', everything else replicated."""
   return NamedSharding(mesh, P(DATA))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def num_data_shards(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in (DATA,)]))
