@@ -3,7 +3,7 @@ import jax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from xsample_jax.sharding import DATA, MODEL, batch_sharding, make_mesh
+from xsample_jax.sharding import DATA, MODEL, batch_sharding, make_mesh, replicated
 
 
 def test_default_mesh_puts_every_device_on_data(mesh):
@@ -19,3 +19,7 @@ def test_model_axis_and_bad_shapes():
     make_mesh(model=3)
   with pytest.raises(ValueError, match="data=3 x model=2 != 8 devices"):
     make_mesh(data=3, model=2)
+
+
+def test_replicated_sharding(mesh):
+  assert replicated(mesh).spec == P() and replicated(mesh).is_fully_replicated

@@ -30,3 +30,8 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over 'data', everything else replicated."""
   return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full copy on every device (e.g. parameters under the 'replicate' rules)."""
+  return NamedSharding(mesh, P())
