@@ -44,7 +44,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 IMPLS = ("dense", "blockwise", "auto")
 # "auto" switches to blockwise when one device's n x N logits pass this many elements (16 MiB in f32).
@@ -98,11 +97,7 @@ def supcon_loss(z, labels, *, temperature=0.1, axis_name=None, impl="dense", til
   Mean over anchors that have at least one positive. `labels`: [n] int. Equals `xsample_loss` with the label
   graph in the limit target_temperature -> 0.
   """
-  _check_embeddings("z", z)
-  _check_positive("temperature", temperature)
-  graph = _graph_from_c(labels, z.shape[0], None, None, hard=True, name="labels")
-  return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=True, axis_name=axis_name,
-                       impl=impl, tile=tile)
+  return _positives_loss(z, labels, "labels", temperature, axis_name, impl, tile)
 
 
 def simclr_loss(z, ids, *, temperature=0.1, axis_name=None, impl="dense", tile=None):
@@ -111,9 +106,14 @@ def simclr_loss(z, ids, *, temperature=0.1, axis_name=None, impl="dense", tile=N
   `ids`: [n] int, the image id of each row (the views of one image share it). With two views this is exactly
   NT-Xent; it is SupCon on instance ids, and X-Sample with an instance graph as target_temperature -> 0.
   """
+  return _positives_loss(z, ids, "ids", temperature, axis_name, impl, tile)
+
+
+def _positives_loss(z, labels, name, temperature, axis_name, impl, tile):
+  """SupCon / SimCLR: uniform target over the other rows with the same label (the "hard" graph), self masked."""
   _check_embeddings("z", z)
   _check_positive("temperature", temperature)
-  graph = _graph_from_c(ids, z.shape[0], None, None, hard=True, name="ids")
+  graph = _graph_from_c(labels, z.shape[0], None, None, hard=True, name=name)
   return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=True, axis_name=axis_name,
                        impl=impl, tile=tile)
 
@@ -481,21 +481,15 @@ def _blockwise_sum(cfg, zr, zc, scale, graph, offset):
 
 def _blockwise_fwd(cfg, zr, zc, scale, graph, offset):
   out, grads = _sweep(cfg, zr, zc, scale, graph, offset, with_grad=True)
-  return out, (grads, graph, offset)
+  return out, grads
 
 
-def _blockwise_bwd(cfg, res, cotangents):
-  (dzr, dzc, dscale), graph, offset = res
+def _blockwise_bwd(cfg, grads, cotangents):
+  dzr, dzc, dscale = grads
   zr_dtype, zc_dtype = cfg[4], cfg[5]
   g = cotangents[0]  # the count output is not differentiable
-  graph_ct = jax.tree.map(_zero_cotangent, graph)
-  return ((g * dzr).astype(zr_dtype), (g * dzc).astype(zc_dtype), g * dscale, graph_ct, _zero_cotangent(offset))
-
-
-def _zero_cotangent(x):
-  if jnp.issubdtype(x.dtype, jnp.floating):
-    return jnp.zeros_like(x)
-  return np.zeros(x.shape, jax.dtypes.float0)
+  # None: the graph and the row offset get no gradient (and no zero buffers are made for them).
+  return (g * dzr).astype(zr_dtype), (g * dzc).astype(zc_dtype), g * dscale, None, None
 
 
 _blockwise_sum.defvjp(_blockwise_fwd, _blockwise_bwd)

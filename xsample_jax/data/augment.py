@@ -3,11 +3,11 @@
 They run inside grain workers, one image at a time, with the `np.random.Generator` that grain's `random_map` derives
 from (pipeline seed, epoch, element index): every sample gets independent randomness, the two views of one image draw
 one after the other from that generator (so they differ), and the whole stream is reproducible for a seed.
-Why on the host and not on device in JAX (`benchmarks/input_bench.py` measures both on the same images): at 224 px
-the OpenCV path ran ~5x faster than the same recipe as a jitted, vmapped JAX function on a CPU backend (per-sample
-crops of different sizes are one cheap cv2.resize each, while in JAX every crop is a fixed-shape antialiased
-resampling of the whole image), it scales with grain worker processes, and it keeps the accelerator for the model.
-At the 32 px smoke resolution both are far faster than the procedural renderer that feeds them.
+Why on the host and not on device in JAX (`benchmarks/input_bench.py` measures both on the same images; runs in
+benchmarks/results/): at 224 px the OpenCV path ran 2-5x faster than the same recipe as a jitted, vmapped JAX
+function on a CPU backend (per-sample crops of different sizes are one cheap cv2.resize each, while in JAX every crop
+is a fixed-shape antialiased resampling of the whole image), it scales with grain worker processes, and it keeps the
+accelerator for the model. At the 32 px smoke resolution the procedural renderer that feeds them dominates.
 
 Images are uint8 [H, W, 3] RGB in and out; intermediate colour maths is float32 in [0, 1].
 """
@@ -100,7 +100,8 @@ def color_jitter(x: np.ndarray, rng: np.random.Generator, strength: float) -> np
     if op == 0:
       x = x * rng.uniform(max(0.0, 1 - b), 1 + b)
     elif op == 1:
-      x = (x - _gray(x).mean()) * rng.uniform(max(0.0, 1 - c), 1 + c) + _gray(x).mean()
+      mean = _gray(x).mean()
+      x = (x - mean) * rng.uniform(max(0.0, 1 - c), 1 + c) + mean
     elif op == 2:
       g = _gray(x)
       x = (x - g) * rng.uniform(max(0.0, 1 - s), 1 + s) + g

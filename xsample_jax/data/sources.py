@@ -102,8 +102,8 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
 
   class_names: readable names (a list, or a text file with one per line) in label order; by default the dataset's
   own label names, and for WordNet ids (imagenet2012's n01440764, ...) the curated ImageNet-1k names ("tench").
-  The K x E table is cached in `cache_dir`
-  (default: DATA_DIR/xsample_caption_emb) so `embed_fn` runs once per (class names, template).
+  The K x E table is cached in `cache_dir` (default: DATA_DIR/xsample_caption_emb) so `embed_fn` runs once per
+  (class names, template).
   """
   import tensorflow_datasets as tfds  # heavy import; only label datasets need it
   src = tfds.data_source(name, split=split, data_dir=data_dir)

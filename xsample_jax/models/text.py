@@ -6,30 +6,18 @@ Padding never influences the output: padded keys are masked in attention and exc
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 from flax import nnx
 
 from xsample_jax.models.partitioning import axes
-from xsample_jax.models.transformer import Encoder
+from xsample_jax.models.transformer import Encoder, EncoderConfig
 
 WORDPIECE_VOCAB = 30522
 POOLS = ("last", "mean")
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-
-
 VARIANTS = {
-    "text_tiny": TextConfig(width=64, depth=2, num_heads=2, mlp_dim=128),
-    "text_s": TextConfig(width=384, depth=6, num_heads=6, mlp_dim=1536),
-    "text_b": TextConfig(width=512, depth=12, num_heads=8, mlp_dim=2048),  # CLIP's text transformer
+    "text_tiny": EncoderConfig(width=64, depth=2, num_heads=2, mlp_dim=128),
+    "text_s": EncoderConfig(width=384, depth=6, num_heads=6, mlp_dim=1536),
+    "text_b": EncoderConfig(width=512, depth=12, num_heads=8, mlp_dim=2048),  # CLIP's text transformer
 }
 
 
@@ -40,7 +28,7 @@ class TextTower(nnx.Module):
   CLIP's EOS pooling); pool='mean': the mean over real tokens.
   """
 
-  def __init__(self, cfg: TextConfig, *, out_dim: int, vocab_size: int = WORDPIECE_VOCAB, max_len: int = 64,
+  def __init__(self, cfg: EncoderConfig, *, out_dim: int, vocab_size: int = WORDPIECE_VOCAB, max_len: int = 64,
                pool: str = "last", causal: bool = False, dtype=None, rngs: nnx.Rngs):
     if pool not in POOLS:
       raise ValueError(f"unknown pool {pool!r}; valid: {POOLS}")
@@ -48,7 +36,7 @@ class TextTower(nnx.Module):
     self.token_embed = nnx.Embed(vocab_size, cfg.width, embedding_init=nnx.initializers.normal(0.02), dtype=dtype,
                                  rngs=rngs, embedding_metadata=axes("vocab", "embed"))
     self.posemb = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (max_len, cfg.width)), **axes(None, "embed"))
-    self.encoder = Encoder(cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, dtype=dtype, rngs=rngs)
+    self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(cfg.width, out_dim, use_bias=False, dtype=dtype, rngs=rngs,
                            kernel_metadata=axes("embed", "head_out"))
 

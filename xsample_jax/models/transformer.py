@@ -1,12 +1,22 @@
 """The pre-LN transformer encoder shared by the ViT and the text tower."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
 from xsample_jax.models.partitioning import axes
 
 _dense_init = nnx.initializers.xavier_uniform()
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
 
 
 class SelfAttention(nnx.Module):
@@ -67,9 +77,10 @@ class EncoderBlock(nnx.Module):
 class Encoder(nnx.Module):
   """`depth` pre-LN blocks and the final LayerNorm."""
 
-  def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *, dtype=None, rngs: nnx.Rngs):
-    self.blocks = nnx.List([EncoderBlock(width, num_heads, mlp_dim, dtype=dtype, rngs=rngs) for _ in range(depth)])
-    self.norm = layer_norm(width, dtype=dtype, rngs=rngs)
+  def __init__(self, cfg: EncoderConfig, *, dtype=None, rngs: nnx.Rngs):
+    self.blocks = nnx.List([EncoderBlock(cfg.width, cfg.num_heads, cfg.mlp_dim, dtype=dtype, rngs=rngs)
+                            for _ in range(cfg.depth)])
+    self.norm = layer_norm(cfg.width, dtype=dtype, rngs=rngs)
 
   def __call__(self, x, mask=None, *, causal: bool = False):
     for block in self.blocks:

@@ -11,16 +11,12 @@ import numpy as np
 from flax import nnx
 
 from xsample_jax.models.partitioning import axes
-from xsample_jax.models.transformer import Encoder
+from xsample_jax.models.transformer import Encoder, EncoderConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(EncoderConfig):
   patch: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
 
 
 VARIANTS = {
@@ -64,7 +60,7 @@ class ViT(nnx.Module):
     self.posemb = (nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (n, cfg.width)), **axes(None, "embed"))
                    if posemb == "learn" else None)
     self.cls = nnx.Param(jnp.zeros((1, 1, cfg.width)), **axes(None, None, "embed")) if pool == "cls" else None
-    self.encoder = Encoder(cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, dtype=dtype, rngs=rngs)
+    self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
 
   def __call__(self, images):
     x = self.patch_embed(images)
