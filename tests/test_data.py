@@ -41,16 +41,16 @@ def test_tfds_label_source_to_sharded_global_batch(mesh, tmp_path):
 
     ds = pipeline.train_dataset(src, global_batch_size=8, augment=AUG, seed=1, mesh=mesh)
     batch = next(iter(ds))
-  assert set(batch) == {"image", "text_emb", "label", "id"}
+  assert set(batch) == {"image", "caption_emb", "label", "id"}
   assert batch["image"].shape == (16, 16, 16, 3) and batch["image"].dtype == np.uint8
-  assert batch["text_emb"].shape == (16, 384) and batch["label"].shape == batch["id"].shape == (16,)
+  assert batch["caption_emb"].shape == (16, 384) and batch["label"].shape == batch["id"].shape == (16,)
   for leaf in batch.values():
     assert isinstance(leaf, jax.Array) and leaf.sharding.spec == P("data")
     assert len(leaf.addressable_shards) == 8 and leaf.addressable_shards[0].data.shape[0] == 2
   b = _local(batch)
   np.testing.assert_array_equal(b["id"][0::2], b["id"][1::2])  # rows 2i, 2i+1: the two views of image i
   assert len(set(b["id"][0::2])) == 8
-  np.testing.assert_array_equal(b["text_emb"], src.table[b["label"]])  # the graph input is a class lookup
+  np.testing.assert_array_equal(b["caption_emb"], src.table[b["label"]])  # the graph input is a class lookup
   assert not np.array_equal(b["image"][0::2], b["image"][1::2])
 
 

@@ -67,7 +67,7 @@ def test_committed_table_matches_the_caption_list():
   np.testing.assert_allclose(np.linalg.norm(table, axis=1), 1.0, atol=2e-3)
   src = sources.procedural_source("original", 5, image_size=16)
   ex = src[3]
-  np.testing.assert_array_equal(ex["text_emb"], table[ex["caption_id"]])
+  np.testing.assert_array_equal(ex["caption_emb"], table[ex["caption_id"]])
   # Captions that share more words are closer: the table is a real sentence embedding, in row order.
   caps = procedural.all_captions()
   i = caps.index("a small red circle on a plain grey background")

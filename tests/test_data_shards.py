@@ -95,7 +95,7 @@ def test_make_shards_keeps_exactly_the_good_records(tmp_path, corrupt_inputs):
     caption, img = good[r["key"]]
     assert r["caption"] == caption
     np.testing.assert_array_equal(shards.decode_image(r["image"]), img)
-    np.testing.assert_allclose(r["text_emb"], bow_embed([caption])[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(r["caption_emb"], bow_embed([caption])[0], rtol=0, atol=1e-6)
   ids = [r["id"] for r in records]
   assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
@@ -148,7 +148,7 @@ def test_make_shards_cli_with_precomputed_embeddings(tmp_path, corrupt_inputs):
   assert {"key": "wds.tar/00000", "reason": "caption embedding is not finite"} in manifest["skipped_items"]
   records = list(shards.iter_records(str(out)))
   for r in records:  # row r["id"] of the .npy belongs to the item with that id
-    np.testing.assert_array_equal(r["text_emb"], emb[r["id"]])
+    np.testing.assert_array_equal(r["caption_emb"], emb[r["id"]])
 
   np.save(tmp_path / "short.npy", emb[:-1])
   assert ms.main(["--input", inputs[0], "--input", inputs[1], "--output", str(tmp_path / "o2"), "--embeddings",
@@ -164,8 +164,8 @@ def test_record_format_round_trip_and_errors():
                                 dtype=dtype)
     rec = shards.decode_record(data)
     assert (rec["key"], rec["caption"], bytes(rec["image"]), rec["id"]) == ("k/é", "a ünïcode caption", b"\x01\x02", 7)
-    assert rec["text_emb"].dtype == np.float32
-    np.testing.assert_allclose(rec["text_emb"], emb, atol=tol, rtol=0)
+    assert rec["caption_emb"].dtype == np.float32
+    np.testing.assert_allclose(rec["caption_emb"], emb, atol=tol, rtol=0)
   with pytest.raises(shards.BadRecordError, match="header"):
     shards.decode_record(data[:-1])
   with pytest.raises(shards.BadRecordError, match="not an XSR1 record"):
@@ -195,7 +195,7 @@ def test_make_shards_cli_embeds_with_the_sentence_encoder(tmp_path):
   _write_tar(tmp_path / "w.tar", [(f"{i}", {"jpg": _png(_image(i)), "txt": c.encode()}) for i, c in
                                   enumerate(captions)])
   assert ms.main(["--input", str(tmp_path / "w.tar"), "--output", str(tmp_path / "out")]) == 0
-  got = np.stack([r["text_emb"] for r in shards.iter_records(str(tmp_path / "out"))])
+  got = np.stack([r["caption_emb"] for r in shards.iter_records(str(tmp_path / "out"))])
   np.testing.assert_allclose(got, embed_texts(captions), atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
   assert got[0] @ got[1] < 0.5  # unrelated captions are far apart: real embeddings, not noise

@@ -27,17 +27,17 @@ def test_sharded_xsample_step_on_the_procedural_default(mesh):
                           mesh=mesh, in_specs=(P(DATA), P(DATA)), out_specs=P())
 
   @nnx.jit
-  def step(model, optimizer, images, text_emb):
+  def step(model, optimizer, images, caption_emb):
     def loss_of(model):
       _, z = model(augment.normalize(images))
-      return loss_fn(z, text_emb)
+      return loss_fn(z, caption_emb)
     loss, grads = nnx.value_and_grad(loss_of)(model)
     optimizer.update(model, grads)
     return loss
 
   # The same loss on one device, whole batch, for the starting parameters.
   _, z0 = nnx.clone(model)(augment.normalize(np.asarray(batch["image"])))
-  expected = losses.xsample_loss(z0, np.asarray(batch["text_emb"]))
-  history = [float(step(model, optimizer, batch["image"], batch["text_emb"])) for _ in range(8)]
+  expected = losses.xsample_loss(z0, np.asarray(batch["caption_emb"]))
+  history = [float(step(model, optimizer, batch["image"], batch["caption_emb"])) for _ in range(8)]
   np.testing.assert_allclose(history[0], expected, rtol=1e-4)
   assert all(np.isfinite(history)) and history[-1] < 0.75 * history[0], history

@@ -5,7 +5,7 @@ Training batch (`train_dataset`), for a global batch of B images over P processe
               image i. Interleaving keeps every pair inside any even-sized contiguous block of rows, so the pairing
               is the same for the process-local batch, every device shard and the global array, whatever P and the
               device count (the global array is the processes' blocks in process order).
-  "text_emb": float32 [2b, E]      the image's frozen caption embedding, repeated for both views.
+  "caption_emb": float32 [2b, E]      the image's frozen caption embedding, repeated for both views.
   "label":    int32 [2b]           class (label datasets), object shape (procedural), -1 (caption shards).
   "id":       int32 [2b]           the example's index in its source (caption shards: the id make_shards gave it);
                                    both views share it, so `id[r] == id[s]` marks positive pairs for SimCLR-style
@@ -42,7 +42,7 @@ from xsample_jax.data import augment as aug_lib
 from xsample_jax.data.shards import BadRecordError, decode_image, record_problem
 from xsample_jax.data.sources import EMBED_DIM
 
-_DROP = ("image", "text_emb", "caption", "key", "error")  # fields that are not int labels
+_DROP = ("image", "caption_emb", "caption", "key", "error")  # fields that are not int labels
 
 
 def _as_rgb(image) -> np.ndarray:
@@ -67,7 +67,7 @@ def _labels(ex: dict) -> dict:
 
 def _checked(ex: dict, embed_dim: int, strict: bool):
   """(rgb image, None) for a usable record, else (None, reason); strict raises instead."""
-  reason = ex.get("error") or record_problem(ex.get("caption", ""), ex["text_emb"], embed_dim)
+  reason = ex.get("error") or record_problem(ex.get("caption", ""), ex["caption_emb"], embed_dim)
   image = None
   if reason is None:
     try:
@@ -84,7 +84,7 @@ def _train_example(ex: dict, rng: np.random.Generator, *, aug: aug_lib.SimCLRAug
   image, reason = _checked(ex, embed_dim, strict)
   if reason is not None:
     return {"bad": reason, "key": ex.get("key", "?")}
-  return {"image": aug_lib.two_views(image, rng, aug), "text_emb": np.asarray(ex["text_emb"], np.float32),
+  return {"image": aug_lib.two_views(image, rng, aug), "caption_emb": np.asarray(ex["caption_emb"], np.float32),
           **_labels(ex)}
 
 
@@ -96,12 +96,12 @@ def _eval_example(index: int, *, source, size: int, crop_fraction: float, embed_
   if reason is not None:
     return {"bad": reason, "key": ex.get("key", "?")}
   return {"image": aug_lib.eval_view(image, size, crop_fraction)[None],
-          "text_emb": np.asarray(ex["text_emb"], np.float32), **_labels(ex), "valid": np.bool_(True)}
+          "caption_emb": np.asarray(ex["caption_emb"], np.float32), **_labels(ex), "valid": np.bool_(True)}
 
 
 def _filler(pad_to: dict) -> dict:
   """An invalid row (padding, or a masked bad record in evaluation)."""
-  row = {"image": np.zeros(pad_to["image"], np.uint8), "text_emb": np.zeros(pad_to["embed_dim"], np.float32)}
+  row = {"image": np.zeros(pad_to["image"], np.uint8), "caption_emb": np.zeros(pad_to["embed_dim"], np.float32)}
   row.update({k: np.int32(-1) for k in pad_to["fields"]})
   row["valid"] = np.bool_(False)
   return row

@@ -39,7 +39,7 @@ def encode_record(*, key: str, caption: str, image: bytes, embedding: np.ndarray
 
 
 def decode_record(data: bytes) -> dict:
-  """-> {"key", "caption", "image" (bytes), "text_emb" float32 [emb_dim], "id"}; BadRecordError if malformed."""
+  """-> {"key", "caption", "image" (bytes), "caption_emb" float32 [emb_dim], "id"}; BadRecordError if malformed."""
   if len(data) < _HEADER.size:
     raise BadRecordError(f"record of {len(data)} bytes is shorter than the header")
   magic, nk, nc, ni, dim, code, rid = _HEADER.unpack_from(data)
@@ -56,7 +56,7 @@ def decode_record(data: bytes) -> dict:
   image = data[o:o + ni]
   o += ni
   emb = np.frombuffer(data, dt, count=dim, offset=o).astype(np.float32)
-  return {"key": key, "caption": caption, "image": image, "text_emb": emb, "id": rid}
+  return {"key": key, "caption": caption, "image": image, "caption_emb": emb, "id": rid}
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Every source is a grain `RandomAccessDataSource` (len + getitem, picklable for grain's worker processes) whose
 element is a dict:
-  "image": uint8 [H, W, 3] or encoded bytes   "text_emb": float32 [E] frozen caption embedding
+  "image": uint8 [H, W, 3] or encoded bytes   "caption_emb": float32 [E] frozen caption embedding
   "caption": str   "key": str (names the record in logs and errors)   "id": int   "label": int (-1: none)
   + any further int fields (procedural: "attribute", "background", "caption_id")
 The pipeline (pipeline.py) decodes, validates, augments and batches these.
@@ -74,7 +74,7 @@ class LabelSource:
   def __getitem__(self, index: int) -> dict:
     ex = self._src[index]
     label = int(ex[self._label_key])
-    return {"image": ex[self._image_key], "text_emb": self.table[label], "caption": self.captions[label],
+    return {"image": ex[self._image_key], "caption_emb": self.table[label], "caption": self.captions[label],
             "label": label, "id": int(index), "key": f"{self.name}/{index}"}
 
   def __repr__(self) -> str:
@@ -147,9 +147,9 @@ class CaptionShardSource:
       rec = shards.decode_record(self._src[index])
     except shards.BadRecordError as e:  # let the pipeline count it like any other bad record
       logging.debug("malformed record %d in %s: %s", index, self.directory, e)
-      return {"image": b"", "text_emb": np.zeros(0, np.float32), "caption": "", "label": -1, "id": int(index),
+      return {"image": b"", "caption_emb": np.zeros(0, np.float32), "caption": "", "label": -1, "id": int(index),
               "key": f"{self.directory}#{index}", "error": str(e)}
-    return {"image": rec["image"], "text_emb": rec["text_emb"], "caption": rec["caption"], "label": -1,
+    return {"image": rec["image"], "caption_emb": rec["caption_emb"], "caption": rec["caption"], "label": -1,
             "id": int(rec["id"]), "key": rec["key"]}
 
   def __repr__(self) -> str:
@@ -169,7 +169,7 @@ class ProceduralCaptionSource:
 
   def __getitem__(self, index: int) -> dict:
     ex = self.images[index]
-    ex["text_emb"] = self.table[ex["caption_id"]]
+    ex["caption_emb"] = self.table[ex["caption_id"]]
     return ex
 
   def __repr__(self) -> str:

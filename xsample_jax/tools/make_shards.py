@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xsample_jax.data import shards
+from xsample_jax.data.sources import EMBED_DIM
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "path", "file")
@@ -143,7 +144,7 @@ def _save_state(output: str, state: dict) -> None:
 
 
 def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np.ndarray] | None = None,
-                embeddings: np.ndarray | None = None, records_per_shard: int = 10_000, embed_dim: int = 384,
+                embeddings: np.ndarray | None = None, records_per_shard: int = 10_000, embed_dim: int = EMBED_DIM,
                 batch_size: int = 256, image_column: str | None = None, caption_column: str | None = None,
                 overwrite: bool = False, progress: bool = True) -> dict:
   """Converts `inputs` into shards in `output`; returns the manifest. Exactly one of embed_fn / embeddings."""
