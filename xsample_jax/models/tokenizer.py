@@ -5,6 +5,7 @@ rather than by the `tokenizers` library, so that callers choose the padded lengt
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 from collections.abc import Sequence
 
@@ -50,3 +51,15 @@ def pad(ids: Sequence[Sequence[int]], length: int, rows: int | None = None) -> t
     out[r, :len(seq)] = seq
     mask[r, :len(seq)] = 1
   return out, mask
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str, length: int) -> tokenizers.Tokenizer:
+  return load_tokenizer(path, length)
+
+
+def tokenize_one(text: str, *, path: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mask) int32 [length] of one text; `functools.partial(tokenize_one, path=..., length=...)` is a data
+  pipeline's picklable `tokenize_fn` (each grain worker loads the tokenizer once)."""
+  ids, mask = pad(encode(_cached_tokenizer(str(path), length), [text]), length)
+  return ids[0], mask[0]

@@ -1,0 +1,124 @@
+"""Every key a config may set, with its type and default. Configs start from `base()` and change what differs.
+
+The key names are the project's public surface: launch scripts and users set them from the command line as
+`--config.KEY=VALUE`. A key that is not here does not exist (the ConfigDict is locked), and a value of the wrong type
+is refused; `xsample_jax.train.check_config` then checks the values themselves.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+_NONE_STR = config_dict.placeholder(str)
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256  # global, in images; each image gives two augmented views (2 x batch_size rows)
+  c.image_size = 224
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 0  # 0: evaluate at the end only
+  c.progress_bar = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = "procedural"  # 'procedural' | 'tfds:NAME' | 'shards:DIR' | 'folder:DIR'
+  c.data.train_split = "train"
+  c.data.eval = "procedural"
+  c.data.eval_split = "original"
+  c.data.data_dir = _NONE_STR  # TFDS data_dir
+  c.data.cache_dir = _NONE_STR  # class-name caption embeddings; default DATA_DIR/xsample_caption_emb or WORKDIR
+  c.data.template = "a photo of a {}"  # class-name caption of label datasets
+  c.data.num_workers = 0  # grain worker processes (augmentation runs there)
+  c.data.read_threads = 8
+  c.data.strict = False  # True: a bad record stops training instead of being skipped and counted
+  c.data.procedural_examples = 50_000  # size of the embedded dataset's training split
+  c.data.procedural_image_size = 64  # its rendering resolution (crops are resized to image_size)
+  c.data.context_length = 32  # caption tokens for text towers
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_scale = (0.08, 1.0)
+  c.augment.jitter_strength = 1.0
+  c.augment.jitter_prob = 0.8
+  c.augment.grayscale_prob = 0.2
+  c.augment.blur_prob = 0.5
+  c.augment.solarize_prob = 0.0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "resnet50"
+  c.model.head = (2048, 2048, 128)  # projection-head widths; the last is the embedding the loss sees
+  c.model.head_bn = True
+  c.model.zero_init_residual = True  # ResNets: each block starts as the identity
+  c.model.bn_momentum = 0.9
+  c.model.stem = _NONE_STR  # ResNets: 'imagenet' | 'cifar'; None: the variant's own
+  c.model.pool = "gap"  # ViTs: 'gap' | 'cls'
+  c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters and optimizer state
+  c.model.text = "text_b"  # text tower of the image-text losses
+  c.model.text_pool = "last"
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "xclr"  # 'xclr' | 'simclr' | 'supcon' | 'clip' | 'siglip' | 'xclr_cross_modal'
+  c.loss.temperature = 0.1  # tau of the image logits (CLIP / SigLIP: the learnable scale's initial 1 / tau)
+  c.loss.target_temperature = 0.1  # tau_s of the target graph
+  c.loss.graph = "auto"  # X-CLR graph: 'caption' (caption embeddings), 'class' (K x K table), 'auto'
+  c.loss.impl = "auto"  # 'dense' | 'blockwise' | 'auto'
+  c.loss.mask_self = True
+  c.loss.siglip_bias = -10.0  # SigLIP's initial bias
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "lars"  # 'lars' | 'adamw' | 'sgd'
+  c.optimizer.lr = 0.3  # peak learning rate, per `lr_batch` images when lr_batch > 0
+  c.optimizer.lr_batch = 256  # lr scales linearly with batch_size / lr_batch (SimCLR); 0: lr is absolute
+  c.optimizer.warmup_steps = 0
+  c.optimizer.end_lr_fraction = 0.0  # cosine decay ends at this fraction of the peak
+  c.optimizer.weight_decay = 1e-6  # never on biases and norm parameters
+  c.optimizer.momentum = 0.9  # LARS / SGD
+  c.optimizer.trust_coefficient = 1e-3  # LARS
+  c.optimizer.b1 = 0.9  # AdamW
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: every device not used by 'model'
+  c.mesh.model = 1
+  c.partitioning = "replicate"  # 'replicate' | 'fsdp'
+
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = _NONE_STR  # a run's workdir (or its checkpoints/ dir): start from its model
+  c.init.backbone = _NONE_STR  # an .npz of image-tower parameters (`xsample_jax.train.save_backbone`)
+
+  c.evals = ml_collections.ConfigDict()  # name -> settings, e.g. evals.linear_probe = {...}
+  return c
+
+
+def linear_probe(train_examples: int = 10_000, eval_examples: int = 10_000, batch_size: int = 256,
+                 label: str = "label") -> ml_collections.ConfigDict:
+  """A linear probe on frozen backbone features of data.train (un-augmented) scored on data.eval."""
+  return ml_collections.ConfigDict(dict(train_examples=train_examples, eval_examples=eval_examples,
+                                        batch_size=batch_size, label=label))
+
+
+def parse_arg(arg: str | None, **defaults):
+  """'runlocal,loss=simclr' -> ConfigDict(runlocal=True, loss='simclr', ...) over `defaults` (big_vision's form).
+
+  A bare name is a True flag; NAME=VALUE takes the default's type. Unknown names are refused.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    name, eq, value = item.partition("=")
+    if name not in defaults:
+      raise ValueError(f"unknown config argument {name!r}; valid: {', '.join(sorted(defaults))}")
+    kind = type(defaults[name])
+    if not eq:
+      if kind is not bool:
+        raise ValueError(f"config argument {name!r} needs a value: {name}=...")
+      out[name] = True
+    elif kind is bool:
+      out[name] = value.lower() in ("1", "true", "yes")
+    else:
+      out[name] = kind(value)
+  return out

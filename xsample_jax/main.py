@@ -1,0 +1,43 @@
+"""The entry point, the same on a laptop, a CPU box and every TPU worker.
+
+  python -m xsample_jax.main --config configs/smoke.py --workdir runs/smoke [--config.KEY=VALUE ...]
+
+Rerunning the same command resumes from the latest checkpoint in the workdir. A config arg follows the file after a
+colon (`configs/imagenet.py:loss=simclr,runlocal`). Exit status 0 also after a SIGTERM (the run saved and can resume).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "config file, optionally with ':arg'", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here (local or gs://)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from xsample_jax import train  # after flag parsing: a --help never pays for importing jax
+  logging.getLogger().setLevel(logging.INFO)
+  config = flags.FLAGS.config
+  try:
+    train.check_config(config)
+  except train.ConfigError as e:
+    sys.exit(f"error: {e}")
+  out = train.train_and_evaluate(config, flags.FLAGS.workdir)
+  if out.get("preempted"):
+    print(f"preempted at step {out['step']}: checkpoint saved in {flags.FLAGS.workdir}; rerun to resume")
+    return
+  probe = {k.split("/")[-1]: v for k, v in out.items() if k.startswith("eval/linear_probe/")}
+  summary = f"done: {out['step']} steps, final loss {out['loss']:.4f}"
+  if "top1" in probe:
+    summary += f", linear probe top-1 {100 * probe['top1']:.1f}%"
+  print(summary + f" (workdir {flags.FLAGS.workdir})")
+
+
+if __name__ == "__main__":
+  app.run(main)

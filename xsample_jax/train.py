@@ -1,0 +1,655 @@
+"""The trainer: config -> mesh -> grain pipeline -> sharded state -> jitted step -> loop -> orbax checkpoints.
+
+Read top to bottom, `train_and_evaluate` is the whole run:
+  1. check the config (every error before anything is compiled or written), make the workdir;
+  2. the ('data', 'model') mesh; one device order for everything;
+  3. the data: a grain iterator yielding global batches sharded over 'data' (images stay uint8 until on device);
+  4. shapes first: the model and optimizer from `nnx.eval_shape`, shardings from the partitioning rules, then the
+     parameters created by `jax.jit(init, out_shardings=...)`, so nothing full-size ever sits on one device;
+  5. the step: forward under jit (BatchNorm statistics span the global batch), the loss inside `jax.shard_map` over
+     'data' (the losses all-gather the rows' inputs and build the global graph), optax; state donated;
+  6. restore the latest checkpoint (train state + the data iterator + config) or start fresh;
+  7. the loop: the next batch is fetched while the device runs the current step; metrics stay on device until they
+     are logged; checkpoints every `checkpoint_every_steps`; SIGTERM saves at the next step boundary and returns;
+  8. the final checkpoint and evaluation, and one closing line.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from xsample_jax import losses, models, sharding
+from xsample_jax.data import augment, pipeline, sources
+
+LOSSES = ("xclr", "simclr", "supcon", "clip", "siglip", "xclr_cross_modal")
+TEXT_LOSSES = ("clip", "siglip", "xclr_cross_modal")  # need a text tower fed with caption tokens
+OPTIMIZERS = ("lars", "adamw", "sgd")
+GRAPHS = ("auto", "caption", "class")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SOURCE_KINDS = ("procedural", "tfds", "shards", "folder")
+EVALUATORS = ("linear_probe",)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The config, checked before anything is compiled or written.
+
+
+def check_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Raises ConfigError naming the key and the fix for every value that cannot work."""
+  def need(ok, key, msg):
+    if not ok:
+      raise ConfigError(f"config.{key}: {msg}")
+
+  for key in ("total_steps", "batch_size", "image_size", "log_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints"):
+    need(config[key] > 0, key, f"must be > 0, got {config[key]}")
+  need(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: at the end only)")
+  need(config.model.variant in models.IMAGE_TOWERS, "model.variant",
+       f"unknown image tower {config.model.variant!r}; valid: {', '.join(models.IMAGE_TOWERS)}")
+  need(len(config.model.head) > 0 and min(config.model.head) > 0, "model.head",
+       f"must be positive widths, got {config.model.head}")
+  need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}")
+  need(config.loss.name in LOSSES, "loss.name", f"unknown loss {config.loss.name!r}; valid: {', '.join(LOSSES)}")
+  if config.loss.name in TEXT_LOSSES:
+    need(config.model.text in models.TEXT_TOWERS, "model.text",
+         f"unknown text tower {config.model.text!r}; valid: {', '.join(models.TEXT_TOWERS)}")
+  need(config.loss.temperature > 0, "loss.temperature", f"must be > 0, got {config.loss.temperature}")
+  need(config.loss.target_temperature > 0, "loss.target_temperature",
+       f"must be > 0, got {config.loss.target_temperature}")
+  need(config.loss.graph in GRAPHS, "loss.graph", f"must be one of {GRAPHS}")
+  need(config.loss.impl in losses.IMPLS, "loss.impl", f"must be one of {losses.IMPLS}")
+  need(config.optimizer.name in OPTIMIZERS, "optimizer.name",
+       f"unknown optimizer {config.optimizer.name!r}; valid: {', '.join(OPTIMIZERS)}")
+  need(config.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {config.optimizer.lr}")
+  need(0 <= config.optimizer.warmup_steps < config.total_steps, "optimizer.warmup_steps",
+       f"must be in [0, total_steps={config.total_steps}), got {config.optimizer.warmup_steps}")
+  need(config.partitioning in models.RULES, "partitioning", f"must be one of {sorted(models.RULES)}")
+  for key in ("train", "eval"):
+    spec = config.data[key]
+    kind, _, arg = spec.partition(":")
+    need(kind in SOURCE_KINDS and (bool(arg) != (kind == "procedural")), f"data.{key}",
+         f"unknown data source {spec!r}: use 'procedural', 'tfds:NAME', 'shards:DIR' or 'folder:DIR'")
+  if config.data.train.startswith("shards:"):
+    need(config.loss.graph != "class", "loss.graph",
+         "'class' needs a label dataset (tfds: or folder:); caption shards have 'caption' graphs")
+    need(config.loss.name != "supcon", "loss.name", "supcon needs labels; caption shards have none")
+  for name in config.evals:
+    need(name in EVALUATORS, f"evals.{name}", f"unknown evaluator; valid: {', '.join(EVALUATORS)}")
+  need(not (config.init.checkpoint and config.init.backbone), "init",
+       "set init.checkpoint or init.backbone, not both")
+
+  devices = jax.device_count() if device_count is None else device_count
+  data, model = config.mesh.data, config.mesh.model
+  need(model >= 1 and devices % model == 0, "mesh.model", f"{model} does not divide the {devices} devices")
+  data = devices // model if data == -1 else data
+  need(1 <= data and data * model <= devices, "mesh.data",
+       f"data={config.mesh.data} x model={model} needs more than the {devices} devices; use -1 for all")
+  need(2 * config.batch_size % data == 0, "batch_size",
+       f"the {2 * config.batch_size} rows of a batch of {config.batch_size} images (two views each) do not split "
+       f"over mesh.data={data} devices; use a multiple of {data // math.gcd(data, 2)}")
+  if config.loss.name in TEXT_LOSSES:  # one view per image: the B rows must split too
+    need(config.batch_size % data == 0, "batch_size",
+         f"{config.loss.name} uses one view per image: batch_size={config.batch_size} must be a multiple of "
+         f"mesh.data={data}")
+  need(config.batch_size % jax.process_count() == 0, "batch_size",
+       f"{config.batch_size} images do not split over {jax.process_count()} processes")
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The mesh of config.mesh; fewer devices than exist only in a single-process run (a test, a smaller trial)."""
+  data = jax.device_count() // config.mesh.model if config.mesh.data == -1 else config.mesh.data
+  n = data * config.mesh.model
+  if n < jax.device_count() and jax.process_count() > 1:
+    raise ConfigError(f"config.mesh: data x model = {n} must use all {jax.device_count()} devices of a "
+                      "multi-process run")
+  return sharding.make_mesh(data, config.mesh.model, devices=jax.devices()[:n])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Data.
+
+
+def _embed_fn(texts):
+  from xsample_jax.models import sentence_encoder  # the frozen encoder loads only when a table is missing
+  return sentence_encoder.embed_texts(texts)
+
+
+def get_source(config, which: str, workdir: epath.Path | None = None):
+  """data.train / data.eval as a random-access source (class-name embeddings computed once and cached)."""
+  spec, split = config.data[which], config.data[f"{which}_split"]
+  kind = spec.partition(":")[0]
+  if kind == "procedural":
+    num = config.data.procedural_examples if which == "train" else max(config.data.procedural_examples // 10, 1000)
+    return sources.get_source(spec, split, num_examples=num, image_size=config.data.procedural_image_size,
+                              seed=config.seed if which == "train" else config.seed + 1)
+  if kind in ("tfds", "folder"):
+    cache = config.data.cache_dir or (None if config.data.data_dir else str(workdir / "caption_emb")
+                                      if workdir else None)
+    kw = dict(template=config.data.template, cache_dir=cache)
+    return sources.get_source(spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir, **kw)
+  return sources.get_source(spec, split)
+
+
+def tokenize_fn(config):
+  """Caption -> (ids, mask) of config.data.context_length, with the MiniLM WordPiece vocabulary."""
+  from xsample_jax.models import sentence_encoder, tokenizer
+  path = str(sentence_encoder.default_model_dir() / "tokenizer.json")
+  return functools.partial(tokenizer.tokenize_one, path=path, length=config.data.context_length)
+
+
+def train_iterator(config, source, mesh):
+  aug = augment.SimCLRAugment(size=config.image_size, crop_scale=tuple(config.augment.crop_scale),
+                              jitter_strength=config.augment.jitter_strength,
+                              jitter_prob=config.augment.jitter_prob, grayscale_prob=config.augment.grayscale_prob,
+                              blur_prob=config.augment.blur_prob, solarize_prob=config.augment.solarize_prob)
+  ds = pipeline.train_dataset(source, global_batch_size=config.batch_size, augment=aug, seed=config.seed, mesh=mesh,
+                              num_workers=config.data.num_workers, read_threads=config.data.read_threads,
+                              strict=config.data.strict,
+                              tokenize_fn=tokenize_fn(config) if config.loss.name in TEXT_LOSSES else None)
+  return iter(ds)
+
+
+class _DataState:
+  """The iterator's state as of the last batch the step consumed (the loop fetches one batch ahead), in the form
+  grain's orbax handler saves per process."""
+
+  def __init__(self, state=None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state)
+
+  def start_prefetch(self) -> None:  # called by grain's handler after a restore
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Model, optimizer, state.
+
+
+class Model(nnx.Module):
+  """What a run trains: the image encoder (tower + projection head), and for image-text losses a text tower and
+  the learnable logit scale (and SigLIP's bias)."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    dtype = DTYPES[config.model.dtype]
+    kw = {}
+    if config.model.variant.startswith("resnet"):
+      kw = dict(zero_init_residual=config.model.zero_init_residual)
+      if config.model.stem:
+        kw["stem"] = config.model.stem
+    else:
+      kw = dict(image_size=config.image_size, pool=config.model.pool)
+    self.image = models.make_image_encoder(config.model.variant, tuple(config.model.head), rngs=rngs,
+                                           head_bn=config.model.head_bn, bn_momentum=config.model.bn_momentum,
+                                           dtype=dtype, **kw)
+    self.text = self.log_scale = self.bias = None
+    if config.loss.name in TEXT_LOSSES:
+      self.text = models.make_text_tower(config.model.text, out_dim=config.model.head[-1], rngs=rngs, dtype=dtype,
+                                         max_len=config.data.context_length, pool=config.model.text_pool)
+    if config.loss.name in ("clip", "siglip"):
+      self.log_scale = nnx.Param(jnp.log(1.0 / jnp.float32(config.loss.temperature)))
+    if config.loss.name == "siglip":
+      self.bias = nnx.Param(jnp.float32(config.loss.siglip_bias))
+
+
+class TrainState(nnx.Module):
+  def __init__(self, model: Model, optimizer: nnx.Optimizer):
+    self.model, self.optimizer = model, optimizer
+
+
+def learning_rate(config) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine decay to end_lr_fraction x peak at total_steps."""
+  opt = config.optimizer
+  peak = opt.lr * (config.batch_size / opt.lr_batch if opt.lr_batch > 0 else 1.0)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, opt.warmup_steps, config.total_steps,
+                                            end_value=peak * opt.end_lr_fraction)
+
+
+def _decay_mask(params):
+  """Weight decay and LARS adaptation on kernels and embeddings only: not on biases, norms or scalars."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  opt, lr = config.optimizer, learning_rate(config)
+  if opt.name == "lars":
+    tx = optax.lars(lr, weight_decay=opt.weight_decay, weight_decay_mask=_decay_mask,
+                    trust_coefficient=opt.trust_coefficient, trust_ratio_mask=_decay_mask, momentum=opt.momentum)
+  elif opt.name == "adamw":
+    tx = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask)
+  else:
+    tx = optax.chain(optax.add_decayed_weights(opt.weight_decay, _decay_mask),
+                     optax.sgd(lr, momentum=opt.momentum))
+  if opt.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), tx)
+  return tx
+
+
+def make_train_state(config) -> TrainState:
+  model = Model(config, rngs=nnx.Rngs(config.seed))
+  return TrainState(model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param))
+
+
+def abstract_state(config, mesh):
+  """(graphdef, abstract state with shardings as ShapeDtypeStructs, shardings) without allocating anything."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_train_state(config)))
+  shardings = models.state_shardings(abstract, mesh, config.partitioning)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graphdef, target, shardings
+
+
+def init_state(config, shardings):
+  """The fresh state, each array created directly with its sharding."""
+  return jax.jit(lambda: nnx.split(make_train_state(config))[1], out_shardings=shardings)()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. The step.
+
+
+def graph_kind(config, source) -> str:
+  """'class' (labels + a K x K table, no N^2 E matmul) for label datasets, else 'caption'."""
+  if config.loss.graph != "auto":
+    return config.loss.graph
+  return "class" if isinstance(source, sources.LabelSource) else "caption"
+
+
+def class_similarity(source) -> np.ndarray:
+  """[K, K] cosine similarities of the source's class-name caption embeddings."""
+  table = np.asarray(source.table, np.float64)
+  table /= np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+  return (table @ table.T).astype(np.float32)
+
+
+def make_loss_fn(config, mesh, table: np.ndarray | None):
+  """(model, batch) -> (loss, aux metrics). The loss runs in shard_map over 'data' on the global batch."""
+  name, lc = config.loss.name, config.loss
+  kw = dict(axis_name=sharding.DATA, impl=lc.impl)
+  rows = P(sharding.DATA)
+
+  def section(fn, *specs):
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P())
+
+  if name == "xclr":
+    if table is not None:
+      xclr = section(lambda z, y, t: losses.xsample_loss(z, y, temperature=lc.temperature,
+                                                         target_temperature=lc.target_temperature,
+                                                         mask_self=lc.mask_self, class_similarity=t, **kw),
+                     rows, rows, P())
+      graph = lambda b: (b["label"], jnp.asarray(table))
+    else:
+      xclr = section(lambda z, c: losses.xsample_loss(z, c, temperature=lc.temperature,
+                                                      target_temperature=lc.target_temperature,
+                                                      mask_self=lc.mask_self, **kw), rows, rows)
+      graph = lambda b: (b["caption_emb"],)
+  elif name in ("simclr", "supcon"):
+    fn = losses.simclr_loss if name == "simclr" else losses.supcon_loss
+    positives = section(lambda z, y: fn(z, y, temperature=lc.temperature, **kw), rows, rows)
+    field = "id" if name == "simclr" else "label"
+  elif name == "clip":
+    clip = section(lambda u, v, s: losses.clip_loss(u, v, s, **kw), rows, rows, P())
+  elif name == "siglip":
+    siglip = section(lambda u, v, s, b: losses.siglip_loss(u, v, s, b, axis_name=sharding.DATA),
+                     rows, rows, P(), P())
+  else:
+    cross = section(lambda u, v, c: losses.xsample_cross_modal_loss(
+        u, v, c, temperature=lc.temperature, target_temperature=lc.target_temperature, **kw), rows, rows, rows)
+
+  def loss_fn(model: Model, batch):
+    images = batch["image"]
+    if name in TEXT_LOSSES:  # one view per image: the two views of an image share one caption
+      images = images[::2]
+    _, z = model.image(augment.normalize(images).astype(DTYPES[config.model.dtype]))
+    aux = {}
+    if name == "xclr":
+      loss = xclr(z, *graph(batch))
+      aux["temperature"] = jnp.float32(lc.temperature)
+    elif name in ("simclr", "supcon"):
+      loss = positives(z, batch[field])
+      aux["temperature"] = jnp.float32(lc.temperature)
+    else:
+      v = model.text(batch["tokens"][::2], batch["token_mask"][::2])
+      if name == "clip":
+        loss = clip(z, v, model.log_scale[...])
+      elif name == "siglip":
+        loss = siglip(z, v, model.log_scale[...], model.bias[...])
+        aux["bias"] = model.bias[...]
+      else:
+        loss = cross(z, v, batch["caption_emb"][::2])
+      aux["temperature"] = (1.0 / jnp.exp(model.log_scale[...]) if model.log_scale is not None
+                            else jnp.float32(lc.temperature))
+    return loss, aux
+
+  return loss_fn
+
+
+def make_train_step(config, graphdef, shardings, mesh, loss_fn):
+  schedule = learning_rate(config)
+
+  def train_step(state, batch):
+    ts = nnx.merge(graphdef, state)
+    step = ts.optimizer.step[...]
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+    (loss, aux), grads = grad_fn(ts.model, batch)
+    ts.optimizer.update(ts.model, grads)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step), **aux}
+    return nnx.state(ts), metrics
+
+  return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Checkpoints: train state + data iterator state + config, in DIR/checkpoints.
+
+
+def checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
+
+
+def save_checkpoint(mngr, step, state, data_state, config, force=False):
+  import grain
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=grain.checkpoint.CheckpointSave(_DataState(data_state)),
+                                          config=ocp.args.JsonSave(config.to_dict())), force=force)
+
+
+def restore_checkpoint(mngr, step, target):
+  """(state, data iterator state) of `step`, the state placed on the current mesh per `target`'s shardings."""
+  import grain
+  data = _DataState()
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                   data=grain.checkpoint.CheckpointRestore(data)))
+  return out["state"], data.state
+
+
+def _checkpoint_dir(path: str) -> epath.Path:
+  path = epath.Path(path)
+  return path / "checkpoints" if (path / "checkpoints").exists() else path
+
+
+def model_from_checkpoint(path: str, target_model_state):
+  """The model part of the latest checkpoint under `path` (a run's workdir or its checkpoints/ dir)."""
+  mngr = ocp.CheckpointManager(_checkpoint_dir(path), item_names=("state",))
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.init.checkpoint: no checkpoint under {path}")
+  # Restore only the model's arrays: the optimizer state of another run is not wanted (and may not match).
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"model": target_model_state}, partial_restore=True)))
+  return restored["state"]["model"]
+
+
+def save_backbone(path: str, model: Model) -> None:
+  """Writes the image tower's parameters and statistics as an .npz of '/'-joined names (for init.backbone)."""
+  flat = {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model.image.tower))}
+  with epath.Path(path).open("wb") as f:
+    np.savez(f, **flat)
+
+
+def load_backbone(path: str, tower: nnx.Module) -> None:
+  """Loads `save_backbone`'s file into `tower` in place; every array must be there with its shape."""
+  with epath.Path(path).open("rb") as f:
+    arrays = dict(np.load(f))
+  state = nnx.state(tower)
+  flat = dict(nnx.to_flat_state(state))
+  missing = sorted("/".join(map(str, k)) for k in flat if "/".join(map(str, k)) not in arrays)
+  if missing:
+    raise ValueError(f"config.init.backbone: {path} lacks {len(missing)} tower arrays, e.g. {missing[:3]}")
+  for k, v in flat.items():
+    a = arrays["/".join(map(str, k))]
+    if a.shape != v.shape:
+      raise ValueError(f"config.init.backbone: {'/'.join(map(str, k))} has shape {a.shape}, the tower {v.shape}")
+    v[...] = jnp.asarray(a, v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl + TensorBoard, written by process 0.
+
+
+class MetricWriter:
+  """One JSON object per logged step in DIR/metrics.jsonl, and TensorBoard events in DIR/tensorboard."""
+
+  def __init__(self, workdir: epath.Path, resume_step: int):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    self.path = workdir / "metrics.jsonl"
+    if self.path.exists():  # a resumed run logs the steps after its checkpoint again: drop their old lines
+      kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      self.path.write_text("".join(l + "\n" for l in kept))
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) if not isinstance(v, (int, str)) else v for k, v in metrics.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self.tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.enabled:
+      self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: evaluators chosen by name in config.evals.
+
+
+def features_fn(graphdef, mesh):
+  """(state, images uint8) -> frozen backbone features, BatchNorm on its running averages."""
+  def features(state, images):
+    model = nnx.merge(graphdef, state).model
+    tower = nnx.view(model.image.tower, use_running_average=True)
+    return tower(augment.normalize(images)).astype(jnp.float32)
+  return jax.jit(features, out_shardings=sharding.batch_sharding(mesh))
+
+
+def extract_features(config, features, state, source, mesh, max_examples, label_field):
+  """Features [n, D] and labels [n] of the first `max_examples` of `source`, un-augmented (resize + centre crop)."""
+  from jax.experimental import multihost_utils
+  source = _Head(source, max_examples)
+  global_batch = max(mesh.shape[sharding.DATA], config.evals.linear_probe.batch_size // mesh.shape[sharding.DATA]
+                     * mesh.shape[sharding.DATA])
+  ds = pipeline.eval_dataset(source, global_batch_size=global_batch, image_size=config.image_size, mesh=mesh,
+                             num_workers=0, read_threads=config.data.read_threads)
+  feats, labels = [], []
+  for batch in ds:
+    f = features(state, batch["image"])
+    keep = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
+    feats.append(np.asarray(multihost_utils.process_allgather(f, tiled=True))[keep])
+    labels.append(np.asarray(multihost_utils.process_allgather(batch[label_field], tiled=True))[keep])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+class _Head:
+  """The first n elements of a source (evaluations on a budget)."""
+
+  def __init__(self, source, n):
+    self.source, self.n = source, min(len(source), n)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+
+def run_evals(config, graphdef, state, mesh, train_source, eval_source) -> dict[str, float]:
+  from xsample_jax.evals import linear_probe
+  out = {}
+  if "linear_probe" in config.evals:
+    ec = config.evals.linear_probe
+    features = features_fn(graphdef, mesh)
+    train_x, train_y = extract_features(config, features, state, train_source, mesh, ec.train_examples, ec.label)
+    test_x, test_y = extract_features(config, features, state, eval_source, mesh, ec.eval_examples, ec.label)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    res = linear_probe.run(train_x, train_y, test_x, test_y, num_classes, mesh=mesh)
+    out.update({f"eval/linear_probe/{k}": v for k, v in res.items()})
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run.
+
+
+class _Preemption:
+  """SIGTERM (how TPU VMs are preempted) sets a flag; the loop saves at the next step boundary and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the latest checkpoint in `workdir` if any) and evaluates; returns the last metrics."""
+  check_config(config)
+  workdir = epath.Path(workdir)
+  mesh = make_mesh(config)
+
+  train_source = get_source(config, "train", workdir)
+  table = None
+  if config.loss.name == "xclr" and graph_kind(config, train_source) == "class":
+    if not isinstance(train_source, sources.LabelSource):
+      raise ConfigError("config.loss.graph: 'class' needs a label dataset (tfds: or folder:), "
+                        f"not {config.data.train!r}")
+    table = class_similarity(train_source)
+
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  graphdef, target, shardings = abstract_state(config, mesh)
+  loss_fn = make_loss_fn(config, mesh, table)
+  train_step = make_train_step(config, graphdef, shardings, mesh, loss_fn)
+
+  mngr = checkpoint_manager(workdir, config)
+  it = train_iterator(config, train_source, mesh)
+  start = mngr.latest_step()
+  if start is not None:
+    state, data_state = restore_checkpoint(mngr, start, target)
+    it.set_state(data_state)
+    logging.info("resumed from step %d in %s", start, workdir / "checkpoints")
+  else:
+    start = 0
+    state = init_state(config, shardings)
+    state = _warm_start(config, graphdef, state, target, shardings)
+    data_state = it.get_state()
+
+  writer = MetricWriter(workdir, start)
+  preemption = _Preemption()
+  bar = None
+  if config.progress_bar and jax.process_index() == 0:
+    from tqdm import tqdm
+    bar = tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True)
+
+  pending, data_wait, last = [], 0.0, {}
+  t_log = time.perf_counter()
+  t0 = time.perf_counter()
+  batch = next(it) if start < config.total_steps else None
+  data_wait += time.perf_counter() - t0
+  step = start
+  preempted = False
+  while step < config.total_steps:
+    state, metrics = train_step(state, batch)  # dispatched asynchronously
+    step += 1
+    data_state = it.get_state()  # the stream after the batches consumed so far
+    pending.append((step, metrics))
+    if step < config.total_steps:  # the host fetches the next batch while the device runs this step
+      t0 = time.perf_counter()
+      batch = next(it)
+      data_wait += time.perf_counter() - t0
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      fetched = jax.device_get(pending)  # the only host sync of the loop
+      elapsed = time.perf_counter() - t_log
+      n = len(fetched)
+      for s, m in fetched:
+        row = dict(m)
+        if s == step:
+          row.update({"step_time": elapsed / n, "images_per_sec": n * config.batch_size / elapsed,
+                      "data_wait": data_wait / n, **it.metrics()})
+        writer.write(s, row)
+      last = {"step": step, **{k: float(v) for k, v in fetched[-1][1].items()}}
+      if not all(math.isfinite(float(m["loss"])) for _, m in fetched):
+        raise FloatingPointError(f"loss is not finite at step {step}: {[float(m['loss']) for _, m in fetched]}")
+      if bar is not None:
+        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{n * config.batch_size / elapsed:.0f}")
+      pending, data_wait, t_log = [], 0.0, time.perf_counter()
+    if bar is not None:
+      bar.update(1)
+    if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+      save_checkpoint(mngr, step, state, data_state, config, force=True)
+    elif preemption.requested:
+      save_checkpoint(mngr, step, state, data_state, config, force=True)
+    if preemption.requested:
+      preempted = True
+      break
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+      results = run_evals(config, graphdef, state, mesh, train_source, _eval_source(config, workdir))
+      writer.write(step, results)
+  mngr.wait_until_finished()
+  preemption.restore()
+  if bar is not None:
+    bar.close()
+  if preempted:
+    writer.close()
+    mngr.close()
+    logging.warning("preempted at step %d; rerun the same command to resume", step)
+    return {**last, "preempted": True}
+  results = run_evals(config, graphdef, state, mesh, train_source, _eval_source(config, workdir))
+  writer.write(step, results)
+  writer.close()
+  mngr.close()
+  return {**last, **results, "state": state, "graphdef": graphdef}
+
+
+def _eval_source(config, workdir):
+  return get_source(config, "eval", workdir) if config.evals else None
+
+
+def _warm_start(config, graphdef, state, target, shardings):
+  """init.checkpoint: the model of another run (a fresh optimizer); init.backbone: image-tower parameters."""
+  if not (config.init.checkpoint or config.init.backbone):
+    return state
+  ts = nnx.merge(graphdef, state)
+  if config.init.checkpoint:
+    model_state = model_from_checkpoint(config.init.checkpoint, target["model"])
+    nnx.update(ts.model, model_state)
+  else:
+    load_backbone(config.init.backbone, ts.model.image.tower)
+  return jax.device_put(nnx.state(ts), shardings)
