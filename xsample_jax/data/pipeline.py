@@ -11,12 +11,20 @@ Training batch (`train_dataset`), for a global batch of B images over P processe
                                    both views share it, so `id[r] == id[s]` marks positive pairs for SimCLR-style
                                    instance graphs.
   + every other int field of the source, int32 [2b] (procedural: "attribute", "background", "caption_id").
+  With `tokenize_fn` (caption str -> (ids, mask), int arrays of one fixed length L), also, repeated for both views:
+  "tokens":     int32 [2b, L]        the caption's token ids, for a trainable text tower (CLIP/SigLIP-style losses).
+  "token_mask": int32 [2b, L]        1 on real tokens, 0 on padding.
 Images stay uint8 to cut host->device traffic 4x; normalise on device with `augment.normalize`.
 With `mesh`, every leaf is a global jax.Array of leading size 2B sharded over the mesh's 'data' axis, assembled with
 `jax.make_array_from_process_local_data`; without it, the process-local NumPy batch.
 
-Evaluation batch (`eval_dataset`): one centre-cropped view per image, [b, S, S, 3] and [b] fields, plus
-"valid": bool [b]; the last batch is padded (valid False) so every process yields the same number of batches.
+Evaluation batch (`eval_dataset`): one centre-cropped view per image, [b, S, S, 3] and [b] fields (and [b, L]
+tokens), plus "valid": bool [b]; the last batch is padded (valid False; int fields -1, tokens and mask 0) so every
+process yields the same number of batches.
+
+`tokenize_fn` runs in grain's worker processes, so it must pickle: a module-level function or a functools.partial
+of one (e.g. partial(my_tokenize, vocab_path=..., length=L)) works, a lambda or closure does not. This package never
+imports models; the trainer passes the text tower's tokenizer in.
 
 Bad records (undecodable image, empty caption, embedding of the wrong length or not finite) are skipped in training
 and masked (valid False) in evaluation, counted, and logged with their key; with `strict=True` the first one raises
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -42,7 +50,10 @@ from xsample_jax.data import augment as aug_lib
 from xsample_jax.data.shards import BadRecordError, decode_image, record_problem
 from xsample_jax.data.sources import EMBED_DIM
 
-_DROP = ("image", "caption_emb", "caption", "key", "error")  # fields that are not int labels
+TokenizeFn = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+# Fields that are not int labels (the token arrays, should a source carry them, are never int32 scalars).
+_DROP = ("image", "caption_emb", "caption", "key", "error", "tokens", "token_mask")
 
 
 def _as_rgb(image) -> np.ndarray:
@@ -65,6 +76,17 @@ def _labels(ex: dict) -> dict:
   return {k: np.int32(v) for k, v in ex.items() if k not in _DROP}
 
 
+def _tokens(caption: str, tokenize_fn: TokenizeFn | None) -> dict:
+  """{"tokens", "token_mask"}: int32 [L] each, from `tokenize_fn`; {} without one."""
+  if tokenize_fn is None:
+    return {}
+  ids, mask = (np.asarray(x, np.int32) for x in tokenize_fn(caption))
+  if ids.ndim != 1 or ids.shape != mask.shape:
+    raise ValueError(f"tokenize_fn must return ids and mask of one shape [L]; got {ids.shape} and {mask.shape} "
+                     f"for caption {caption!r}")
+  return {"tokens": ids, "token_mask": mask}
+
+
 def _checked(ex: dict, embed_dim: int, strict: bool):
   """(rgb image, None) for a usable record, else (None, reason); strict raises instead."""
   reason = ex.get("error") or record_problem(ex.get("caption", ""), ex["caption_emb"], embed_dim)
@@ -80,15 +102,16 @@ def _checked(ex: dict, embed_dim: int, strict: bool):
 
 
 def _train_example(ex: dict, rng: np.random.Generator, *, aug: aug_lib.SimCLRAugment, embed_dim: int,
-                   strict: bool) -> dict:
+                   strict: bool, tokenize_fn: TokenizeFn | None = None) -> dict:
   image, reason = _checked(ex, embed_dim, strict)
   if reason is not None:
     return {"bad": reason, "key": ex.get("key", "?")}
   return {"image": aug_lib.two_views(image, rng, aug), "caption_emb": np.asarray(ex["caption_emb"], np.float32),
-          **_labels(ex)}
+          **_labels(ex), **_tokens(ex.get("caption", ""), tokenize_fn)}
 
 
-def _eval_example(index: int, *, source, size: int, crop_fraction: float, embed_dim: int, strict: bool) -> dict:
+def _eval_example(index: int, *, source, size: int, crop_fraction: float, embed_dim: int, strict: bool,
+                  tokenize_fn: TokenizeFn | None = None) -> dict:
   if index >= len(source):
     return {"pad": True}
   ex = source[index]
@@ -96,13 +119,16 @@ def _eval_example(index: int, *, source, size: int, crop_fraction: float, embed_
   if reason is not None:
     return {"bad": reason, "key": ex.get("key", "?")}
   return {"image": aug_lib.eval_view(image, size, crop_fraction)[None],
-          "caption_emb": np.asarray(ex["caption_emb"], np.float32), **_labels(ex), "valid": np.bool_(True)}
+          "caption_emb": np.asarray(ex["caption_emb"], np.float32), **_labels(ex),
+          **_tokens(ex.get("caption", ""), tokenize_fn), "valid": np.bool_(True)}
 
 
 def _filler(pad_to: dict) -> dict:
   """An invalid row (padding, or a masked bad record in evaluation)."""
   row = {"image": np.zeros(pad_to["image"], np.uint8), "caption_emb": np.zeros(pad_to["embed_dim"], np.float32)}
   row.update({k: np.int32(-1) for k in pad_to["fields"]})
+  if pad_to["token_len"] is not None:
+    row.update(tokens=np.zeros(pad_to["token_len"], np.int32), token_mask=np.zeros(pad_to["token_len"], np.int32))
   row["valid"] = np.bool_(False)
   return row
 
@@ -225,16 +251,19 @@ def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_ba
 def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugment, seed: int,
                   process_index: int | None = None, process_count: int | None = None, mesh=None,
                   num_epochs: int | None = None, num_workers: int = 0, read_threads: int = 8,
-                  strict: bool = False, embed_dim: int = EMBED_DIM) -> grain.IterDataset:
+                  strict: bool = False, embed_dim: int = EMBED_DIM,
+                  tokenize_fn: TokenizeFn | None = None) -> grain.IterDataset:
   """Shuffled (reshuffled every epoch), two-view batches of `global_batch_size` images; endless by default.
 
   Each process reads only its slice of the shuffled order (`process_slice`) and augments with a generator keyed by
   the element's global position, so no two processes or epochs share augmentation randomness.
+  tokenize_fn: adds "tokens" / "token_mask" [2b, L] from each caption (picklable; see the module docstring).
   """
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 2, mesh)
   ds = grain.MapDataset.source(source).seed(seed).shuffle()
-  ds = ds.random_map(functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict))
+  ds = ds.random_map(functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict,
+                                       tokenize_fn=tokenize_fn))
   ds = process_slice(ds, process_index, process_count).repeat(num_epochs)
   it = _to_iter(ds, num_workers, read_threads, local)
   return _BatchDataset(it, local, None, _sharding(mesh))
@@ -242,16 +271,23 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
 
 def eval_dataset(source, *, global_batch_size: int, image_size: int, process_index: int | None = None,
                  process_count: int | None = None, mesh=None, crop_fraction: float = 0.875, num_workers: int = 0,
-                 read_threads: int = 8, strict: bool = False, embed_dim: int = EMBED_DIM) -> grain.IterDataset:
-  """One pass in source order, resize + centre crop, padded so all processes yield the same number of batches."""
+                 read_threads: int = 8, strict: bool = False, embed_dim: int = EMBED_DIM,
+                 tokenize_fn: TokenizeFn | None = None) -> grain.IterDataset:
+  """One pass in source order, resize + centre crop, padded so all processes yield the same number of batches.
+
+  tokenize_fn: adds "tokens" / "token_mask" [b, L] from each caption (zeros on invalid rows).
+  """
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 1, mesh)
   padded = -(-len(source) // process_count) * process_count
   ds = process_slice(grain.MapDataset.range(padded), process_index, process_count)
   ds = ds.map(functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
-                                embed_dim=embed_dim, strict=strict))
+                                embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn))
   it = _to_iter(ds, num_workers, read_threads, local)
-  # Invalid rows carry the same int fields as real ones (-1), so every batch has one structure.
+  # Invalid rows carry the same fields as real ones (int fields -1, tokens 0), so every batch has one structure;
+  # the token length L is fixed, so the empty caption's tokenisation tells it.
   fields = tuple(_labels(source[0])) if len(source) else ("label", "id")
-  pad_to = {"image": (1, image_size, image_size, 3), "embed_dim": embed_dim, "fields": fields}
+  token_len = None if tokenize_fn is None else len(_tokens("", tokenize_fn)["tokens"])
+  pad_to = {"image": (1, image_size, image_size, 3), "embed_dim": embed_dim, "fields": fields,
+            "token_len": token_len}
   return _BatchDataset(it, local, pad_to, _sharding(mesh))

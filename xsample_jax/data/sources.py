@@ -1,4 +1,4 @@
-"""Random-access sources: TFDS label datasets, caption shards, the embedded procedural default.
+"""Random-access sources: TFDS label datasets, image folders, caption shards, the embedded procedural default.
 
 Every source is a grain `RandomAccessDataSource` (len + getitem, picklable for grain's worker processes) whose
 element is a dict:
@@ -6,6 +6,14 @@ element is a dict:
   "caption": str   "key": str (names the record in logs and errors)   "id": int   "label": int (-1: none)
   + any further int fields (procedural: "attribute", "background", "caption_id")
 The pipeline (pipeline.py) decodes, validates, augments and batches these.
+
+Label sources (`LabelSource`) caption every image with its class name in a template ("a photo of a {}") and look
+its embedding up in a K x E table embedded once per class list (`caption_table`, cached on disk):
+  tfds:NAME    `tfds.data_source` classification splits (ArrayRecord, no TensorFlow)
+  folder:DIR   ImageFolder layout: DIR/<class>/<image>, one sub-directory per class (sorted names give the label
+               order); every .jpg/.jpeg/.png/.webp/.bmp file is an element holding its still-encoded bytes, keyed
+               "<class>/<file>"; "golden_retriever" is captioned "a photo of a golden retriever". DIR may be local
+               or gs:// (read through etils.epath); DIR/<split> is used when it exists.
 
 Caption embeddings come from the sentence encoder, but this package never imports models: whoever needs new
 embeddings passes `embed_fn(list[str]) -> float32 [n, E]` (tools wire in `models.sentence_encoder.embed_texts`).
@@ -15,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
-import os
 import re
+import uuid
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from xsample_jax.data import procedural, shards
 
@@ -36,49 +45,84 @@ def _asset(name: str) -> str:
 
 
 def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: str | None = None) -> np.ndarray:
-  """float32 [K, E] embeddings of `captions`, computed once with `embed_fn` and cached on disk by content hash."""
+  """float32 [K, E] embeddings of `captions`, computed once with `embed_fn` and cached on disk by content hash.
+
+  cache_dir may be local or gs://; the table is written under a unique temporary name and renamed into place, so
+  concurrent processes (also on other hosts) never read a half-written one.
+  """
   captions = list(captions)
   digest = hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()[:16]
-  path = os.path.join(cache_dir, f"caption_emb_{digest}.npy") if cache_dir else None
-  if path and os.path.exists(path):
-    table = np.load(path)
+  path = epath.Path(cache_dir) / f"caption_emb_{digest}.npy" if cache_dir else None
+  if path is not None and path.exists():
+    with path.open("rb") as f:
+      table = np.load(f)
   elif embed_fn is None:
     raise ValueError(f"no cached embeddings for these {len(captions)} captions{f' at {path}' if path else ''} "
                      "and no embed_fn to compute them (pass models.sentence_encoder.embed_texts)")
   else:
     table = np.asarray(embed_fn(captions), np.float32)
-    if path:
-      os.makedirs(cache_dir, exist_ok=True)
-      tmp = f"{path}.tmp.{os.getpid()}.npy"  # atomic: concurrent processes never read a half-written table
-      np.save(tmp, table)
-      os.replace(tmp, path)
+    if path is not None:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_name(f"{path.name}.tmp.{uuid.uuid4().hex}")  # a pid alone can repeat across hosts
+      with tmp.open("wb") as f:
+        np.save(f, table)
+      tmp.replace(path)
   if table.ndim != 2 or table.shape[0] != len(captions):
     raise ValueError(f"caption table has shape {table.shape}, expected ({len(captions)}, E)")
   return table.astype(np.float32)
 
 
 class LabelSource:
-  """A TFDS classification split; each image's caption is its class name in a template, embedded once per class."""
+  """Labelled images; each image's caption is its class name in a template, embedded once per class.
 
-  def __init__(self, data_source, class_names: Sequence[str], table: np.ndarray, name: str,
-               template: str = DEFAULT_TEMPLATE, image_key: str = "image", label_key: str = "label"):
+  items: any picklable indexable whose items[i] is (image, label): uint8 [H, W, 3] or encoded bytes, int in [0, K).
+  keys: each element's name in logs and errors (default "NAME/i").
+  """
+
+  def __init__(self, items, class_names: Sequence[str], table: np.ndarray, name: str,
+               template: str = DEFAULT_TEMPLATE, keys: Sequence[str] | None = None):
     if table.shape[0] != len(class_names):
       raise ValueError(f"{len(class_names)} class names but a table of {table.shape[0]} rows")
-    self._src, self.class_names, self.table, self.name = data_source, list(class_names), table, name
+    if keys is not None and len(keys) != len(items):
+      raise ValueError(f"{len(keys)} keys for {len(items)} items")
+    self._items, self.class_names, self.table, self.name = items, list(class_names), table, name
     self.captions = [template.format(c) for c in self.class_names]
-    self._image_key, self._label_key = image_key, label_key
+    self._keys = keys
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __getitem__(self, index: int) -> dict:
+    image, label = self._items[index]
+    label = int(label)
+    key = self._keys[index] if self._keys is not None else f"{self.name}/{index}"
+    return {"image": image, "caption_emb": self.table[label], "caption": self.captions[label], "label": label,
+            "id": int(index), "key": key}
+
+  def __repr__(self) -> str:
+    return f"LabelSource({self.name!r}, n={len(self)}, classes={len(self.class_names)})"
+
+
+def label_source(items, class_names: Sequence[str], name: str, *, embed_fn: EmbedFn | None = None,
+                 template: str = DEFAULT_TEMPLATE, cache_dir: str | None = None,
+                 keys: Sequence[str] | None = None) -> LabelSource:
+  """A `LabelSource` over `items` with the class-name caption table from `caption_table` (cached in cache_dir)."""
+  table = caption_table([template.format(n) for n in class_names], embed_fn, cache_dir)
+  return LabelSource(items, class_names, table, name, template, keys)
+
+
+class _TfdsPairs:
+  """A TFDS data source's dict examples as (image, label) pairs."""
+
+  def __init__(self, data_source, image_key: str, label_key: str):
+    self._src, self._image_key, self._label_key = data_source, image_key, label_key
 
   def __len__(self) -> int:
     return len(self._src)
 
-  def __getitem__(self, index: int) -> dict:
+  def __getitem__(self, index: int):
     ex = self._src[index]
-    label = int(ex[self._label_key])
-    return {"image": ex[self._image_key], "caption_emb": self.table[label], "caption": self.captions[label],
-            "label": label, "id": int(index), "key": f"{self.name}/{index}"}
-
-  def __repr__(self) -> str:
-    return f"LabelSource({self.name!r}, n={len(self)}, classes={len(self.class_names)})"
+    return ex[self._image_key], ex[self._label_key]
 
 
 def _readable(name: str) -> str:
@@ -95,6 +139,23 @@ def wordnet_names(wnids: Sequence[str]) -> list[str] | None:
   return None if None in names else names
 
 
+def _class_names(raw: Sequence[str], class_names: Sequence[str] | str | None, what: str) -> list[str]:
+  """Readable names in label order: `class_names` (a list, or a text file with one per line) when given, else the
+  raw names made readable, WordNet ids (n01440764, ...) becoming the curated ImageNet-1k names ("tench")."""
+  if isinstance(class_names, str):
+    return [line.strip() for line in epath.Path(class_names).read_text().splitlines() if line.strip()]
+  if class_names is not None:
+    return list(class_names)
+  names = list(raw)
+  if any(re.fullmatch(r"n\d{8}", n) for n in names):
+    readable = wordnet_names(names)
+    if readable is None:
+      raise ValueError(f"{what} are WordNet ids ({names[0]}, ...) outside ImageNet-1k; pass class_names= a list "
+                       "or a file of readable names, one per line, in label order")
+    names = readable
+  return [_readable(n) for n in names]
+
+
 def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None,
                       template: str = DEFAULT_TEMPLATE, class_names: Sequence[str] | str | None = None,
                       cache_dir: str | None = None, image_key: str = "image", label_key: str = "label") -> LabelSource:
@@ -107,26 +168,65 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
   """
   import tensorflow_datasets as tfds  # heavy import; only label datasets need it
   src = tfds.data_source(name, split=split, data_dir=data_dir)
-  names = class_names
-  if isinstance(names, str):
-    with open(names) as f:
-      names = [line.strip() for line in f if line.strip()]
-  if names is None:
-    names = src.dataset_info.features[label_key].names
-    if any(re.fullmatch(r"n\d{8}", n) for n in names):
-      readable = wordnet_names(names)
-      if readable is None:
-        raise ValueError(f"{name}'s label names are WordNet ids ({names[0]}, ...) outside ImageNet-1k; pass "
-                         "class_names= a list or a file of readable names, one per line, in label order")
-      names = readable
-    names = [_readable(n) for n in names]
+  names = _class_names(src.dataset_info.features[label_key].names, class_names, f"{name}'s label names")
   num_classes = src.dataset_info.features[label_key].num_classes
   if len(names) != num_classes:
     raise ValueError(f"{len(names)} class names for {name}'s {num_classes} classes")
+  return label_source(_TfdsPairs(src, image_key, label_key), names, f"{name}/{split}", embed_fn=embed_fn,
+                      template=template, cache_dir=_cache_dir(cache_dir, data_dir))
+
+
+def _cache_dir(cache_dir: str | None, data_dir: str | None) -> str | None:
   if cache_dir is None and data_dir is not None:
-    cache_dir = os.path.join(data_dir, "xsample_caption_emb")
-  table = caption_table([template.format(n) for n in names], embed_fn, cache_dir)
-  return LabelSource(src, names, table, f"{name}/{split}", template, image_key, label_key)
+    return str(epath.Path(data_dir) / "xsample_caption_emb")
+  return cache_dir
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class _ImageFiles:
+  """Image files under one root as (encoded bytes, label) pairs; holds relative names, reads on access."""
+
+  def __init__(self, root: str, names: Sequence[str], labels: Sequence[int]):
+    self.root, self.names, self.labels = root, list(names), np.asarray(labels, np.int32)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def __getitem__(self, index: int):
+    return (epath.Path(self.root) / self.names[index]).read_bytes(), int(self.labels[index])
+
+
+def folder_source(directory: str, *, embed_fn: EmbedFn | None = None, template: str = DEFAULT_TEMPLATE,
+                  class_names: Sequence[str] | str | None = None, cache_dir: str | None = None) -> LabelSource:
+  """An ImageFolder-style directory: DIR/<class>/<image file>, label = index of the class in sorted order.
+
+  Class names are the sub-directory names made readable ("golden_retriever" -> "golden retriever"; WordNet-id
+  directories such as ImageNet's n01440764 -> "tench"), or `class_names` (a list or a file, in label order).
+  Images are the files with an image suffix (any case), sorted, so the element order is deterministic; hidden
+  entries are skipped. The class caption table is cached in `cache_dir` like `tfds_label_source`'s.
+  """
+  root = epath.Path(directory)
+  if not root.is_dir():
+    raise ValueError(f"image folder {directory} does not exist or is not a directory")
+  classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+  if not classes:
+    raise ValueError(f"image folder {directory} has no class sub-directories (expected DIR/<class>/<image>)")
+  names = _class_names(classes, class_names, f"the class directories of {directory}")
+  if len(names) != len(classes):
+    raise ValueError(f"{len(names)} class names for the {len(classes)} class directories of {directory}")
+  keys, labels = [], []
+  for label, cls in enumerate(classes):
+    images = sorted(p.name for p in (root / cls).iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+      raise ValueError(f"class directory {root / cls} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    keys.extend(f"{cls}/{f}" for f in images)
+    labels.extend([label] * len(images))
+  files = _ImageFiles(str(root), keys, labels)
+  return label_source(files, names, str(root), embed_fn=embed_fn, template=template, cache_dir=cache_dir,
+                      keys=files.names)  # the keys are the relative names: one list, not two
 
 
 class CaptionShardSource:
@@ -197,12 +297,18 @@ def procedural_source(split: str = "train", num_examples: int = 50_000, *, image
   return ProceduralCaptionSource(images, procedural_caption_table(embed_fn))
 
 
-def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None, **kwargs):
-  """A source from a config string: "procedural", "tfds:NAME" (e.g. tfds:cifar10) or "shards:DIR".
+def _split_dir(directory: str, split: str) -> str:
+  sub = epath.Path(directory) / split
+  return str(sub) if sub.is_dir() else directory
 
-  split: the procedural split / TFDS split; for shards, a subdirectory DIR/split if it exists, else DIR itself.
-  kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation) or `tfds_label_source`
-  (template, class_names, cache_dir).
+
+def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None, **kwargs):
+  """A source from a config string: "procedural", "tfds:NAME" (e.g. tfds:cifar10), "shards:DIR" or "folder:DIR".
+
+  split: the procedural split / TFDS split; for shards and folders, a subdirectory DIR/split if it exists, else DIR
+  itself. kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation), `tfds_label_source`
+  or `folder_source` (template, class_names, cache_dir). Label sources cache their class caption table in
+  cache_dir, by default DATA_DIR/xsample_caption_emb when data_dir is given.
   """
   kind, _, arg = spec.partition(":")
   if kind == "procedural" and not arg:
@@ -210,6 +316,8 @@ def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_d
   if kind == "tfds" and arg:
     return tfds_label_source(arg, split, embed_fn=embed_fn, data_dir=data_dir, **kwargs)
   if kind == "shards" and arg:
-    sub = os.path.join(arg, split)
-    return CaptionShardSource(sub if os.path.isdir(sub) else arg)
-  raise ValueError(f"unknown data source {spec!r}: use 'procedural', 'tfds:NAME' or 'shards:DIR'")
+    return CaptionShardSource(_split_dir(arg, split))
+  if kind == "folder" and arg:
+    kwargs["cache_dir"] = _cache_dir(kwargs.get("cache_dir"), data_dir)
+    return folder_source(_split_dir(arg, split), embed_fn=embed_fn, **kwargs)
+  raise ValueError(f"unknown data source {spec!r}: use 'procedural', 'tfds:NAME', 'shards:DIR' or 'folder:DIR'")
