@@ -108,6 +108,15 @@ def test_head_widths_and_layout():
     models.make_head(16, (), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("variant", ["resnet_tiny", "vit_tiny"])
+def test_bn_momentum_reaches_every_batchnorm(variant):
+  enc = nnx.eval_shape(lambda: BUILD[variant](bn_momentum=0.99))
+  bns = {path: m for path, m in nnx.iter_graph(enc) if isinstance(m, nnx.BatchNorm)}
+  assert any(p[0] == "head" for p in bns)
+  assert any(p[0] == "tower" for p in bns) == variant.startswith("resnet")  # a ViT has no BatchNorm
+  assert {path: m.momentum for path, m in bns.items()} == {path: 0.99 for path in bns}
+
+
 def test_zero_init_residual():
   tower = lambda zero: models.make_image_tower("resnet_tiny", zero_init_residual=zero, rngs=nnx.Rngs(0))
   # only the BN scales are returned, so XLA drops the conv initialisers: a cheap compile

@@ -7,7 +7,8 @@ rows against all N global columns, and the value returned is the global mean, id
 Autodiff through the tiled all_gather reduce-scatters the column gradients, so the gradient w.r.t. the local
 rows is that of the global loss.
 
-The softmax losses share one kernel, a row-wise soft-target cross-entropy (PAPER.md section 2):
+The softmax losses share one kernel, a row-wise soft-target cross-entropy (docs/method.md, "Notation and the
+loss"):
 
     L_i = LSE_j(l_ij) - sum_j G_ij l_ij,    G_i = softmax_j(t_ij),    dL_i/dl_ij = P_ij - G_ij,
 
@@ -30,11 +31,11 @@ Two implementations of the kernel give the same value and gradient:
   * "dense": the n x N logits and targets are formed whole and autodiff does the rest. Simple; O(n N) memory.
   * "blockwise": a `jax.custom_vjp` that sweeps row panels (R rows x all columns). Within a panel the columns
     are swept in tiles with online log-sum-exps for LSE(l) and LSE(t) and a rescaled accumulator of
-    sum_j exp(t_ij) l_ij (PAPER.md section 4). Its forward pass under differentiation also forms P - G for the
-    panel and accumulates dL/dz there, as fused linear cross-entropy kernels do, so the backward pass only scales
-    the stored gradient. When a panel's full width fits in one tile (the default up to N ~ 32k rows per panel
-    budget) this costs the dense FLOPs (6 N^2 D + 2 N^2 E) in O(R N + N (D + E)) memory; with several column
-    tiles it recomputes each tile once (8 N^2 D + 4 N^2 E).
+    sum_j exp(t_ij) l_ij (docs/method.md, "Blockwise sweep"). Its forward pass under differentiation also
+    forms P - G for the panel and accumulates dL/dz there, as fused linear cross-entropy kernels do, so the
+    backward pass only scales the stored gradient. When a panel's full width fits in one tile (by default up to
+    N = 2^20 columns: R >= 8 rows x N within TILE_ELEMENTS) this costs the dense FLOPs (6 N^2 D + 2 N^2 E) in
+    O(R N + N (D + E)) memory; with several column tiles it recomputes each tile once (8 N^2 D + 4 N^2 E).
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def xsample_loss(z, c, *, temperature=0.1, target_temperature=0.1, mask_self=Tru
     tile: optional (rows, cols) tile of the blockwise sweep; default from TILE_ELEMENTS.
 
   Returns:
-    The scalar mean over all N global rows of the soft-target cross-entropy (PAPER.md section 2).
+    The scalar mean over all N global rows of the soft-target cross-entropy (docs/method.md, "Notation and the
+    loss").
   """
   _check_embeddings("z", z)
   _check_positive("temperature", temperature)

@@ -36,8 +36,9 @@ def make_image_tower(variant: str, *, rngs: nnx.Rngs, dtype=None, **kwargs) -> r
 
 
 def make_head(in_dim: int, widths: Sequence[int], *, rngs: nnx.Rngs, use_bn: bool = True,
-              bn_axis_name: str | None = None, dtype=None) -> ProjectionHead:
-  return ProjectionHead(in_dim, widths, use_bn=use_bn, bn_axis_name=bn_axis_name, dtype=dtype, rngs=rngs)
+              bn_axis_name: str | None = None, bn_momentum: float = 0.9, dtype=None) -> ProjectionHead:
+  return ProjectionHead(in_dim, widths, use_bn=use_bn, bn_axis_name=bn_axis_name, bn_momentum=bn_momentum,
+                        dtype=dtype, rngs=rngs)
 
 
 def make_text_tower(variant: str, *, out_dim: int, rngs: nnx.Rngs, dtype=None, **kwargs) -> text.TextTower:
@@ -63,12 +64,17 @@ class ImageEncoder(nnx.Module):
 
 
 def make_image_encoder(variant: str, head_widths: Sequence[int], *, rngs: nnx.Rngs, head_bn: bool = True,
-                       bn_axis_name: str | None = None, dtype=None, **tower_kwargs) -> ImageEncoder:
-  """`bn_axis_name` (for calls inside shard_map) goes to every BatchNorm: the head's and a ResNet's."""
-  if bn_axis_name is not None and variant in resnet.VARIANTS:
-    tower_kwargs["bn_axis_name"] = bn_axis_name
+                       bn_axis_name: str | None = None, bn_momentum: float = 0.9, dtype=None,
+                       **tower_kwargs) -> ImageEncoder:
+  """`bn_axis_name` (for calls inside shard_map) and `bn_momentum` go to every BatchNorm: the head's and a
+  ResNet's (a ViT has none)."""
+  if variant in resnet.VARIANTS:
+    tower_kwargs["bn_momentum"] = bn_momentum
+    if bn_axis_name is not None:
+      tower_kwargs["bn_axis_name"] = bn_axis_name
   tower = make_image_tower(variant, rngs=rngs, dtype=dtype, **tower_kwargs)
-  head = make_head(tower.width, head_widths, rngs=rngs, use_bn=head_bn, bn_axis_name=bn_axis_name, dtype=dtype)
+  head = make_head(tower.width, head_widths, rngs=rngs, use_bn=head_bn, bn_axis_name=bn_axis_name,
+                   bn_momentum=bn_momentum, dtype=dtype)
   return ImageEncoder(tower, head)
 
 
