@@ -205,14 +205,16 @@ class Model(nnx.Module):
     self.image = models.make_image_encoder(config.model.variant, tuple(config.model.head), rngs=rngs,
                                            head_bn=config.model.head_bn, bn_momentum=config.model.bn_momentum,
                                            dtype=dtype, **kw)
-    self.text = self.log_scale = self.bias = None
+    text = log_scale = bias = None
     if config.loss.name in TEXT_LOSSES:
-      self.text = models.make_text_tower(config.model.text, out_dim=config.model.head[-1], rngs=rngs, dtype=dtype,
-                                         max_len=config.data.context_length, pool=config.model.text_pool)
+      text = models.make_text_tower(config.model.text, out_dim=config.model.head[-1], rngs=rngs, dtype=dtype,
+                                    max_len=config.data.context_length, pool=config.model.text_pool)
     if config.loss.name in ("clip", "siglip"):
-      self.log_scale = nnx.Param(jnp.log(1.0 / jnp.float32(config.loss.temperature)))
+      log_scale = nnx.Param(jnp.log(1.0 / jnp.float32(config.loss.temperature)))
     if config.loss.name == "siglip":
-      self.bias = nnx.Param(jnp.float32(config.loss.siglip_bias))
+      bias = nnx.Param(jnp.float32(config.loss.siglip_bias))
+    # Assigned once each: an attribute first set to None would be static for nnx.
+    self.text, self.log_scale, self.bias = nnx.data(text), nnx.data(log_scale), nnx.data(bias)
 
 
 class TrainState(nnx.Module):
@@ -355,7 +357,7 @@ def make_train_step(config, graphdef, shardings, mesh, loss_fn):
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
     (loss, aux), grads = grad_fn(ts.model, batch)
     ts.optimizer.update(ts.model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step), **aux}
     return nnx.state(ts), metrics
 
   return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
@@ -446,7 +448,7 @@ class MetricWriter:
     self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
-    if not self.enabled:
+    if not self.enabled or not metrics:
       return
     row = {"step": int(step), **{k: float(v) if not isinstance(v, (int, str)) else v for k, v in metrics.items()}}
     with self.path.open("a") as f:
@@ -540,6 +542,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming from the latest checkpoint in `workdir` if any) and evaluates; returns the last metrics."""
   check_config(config)
   workdir = epath.Path(workdir)
+  if not str(workdir).startswith("gs://"):
+    workdir = workdir.resolve()  # orbax wants absolute paths
   mesh = make_mesh(config)
 
   train_source = get_source(config, "train", workdir)

@@ -1,0 +1,132 @@
+"""The trainer: the sharded step equals the single-device step, config errors, restore onto another mesh.
+
+The end-to-end runs through the entry point (determinism, SIGTERM / kill -9 and resume) are in test_train_e2e.py.
+"""
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import common, smoke
+from xsample_jax import sharding, train
+from xsample_jax.data import augment, pipeline
+
+
+def tiny_config(loss="xclr", **changes) -> ml_collections.ConfigDict:
+  """The smoke config shrunk to seconds: 16 px crops, 16 images (32 rows), no evaluation."""
+  c = smoke.get_config(f"loss={loss}")
+  c.total_steps, c.batch_size, c.image_size = 20, 16, 16
+  c.log_every_steps, c.checkpoint_every_steps = 1, 5
+  c.data.procedural_examples, c.data.procedural_image_size = 256, 24
+  c.data.context_length = 16
+  c.model.head = (64, 32)
+  c.optimizer.warmup_steps = 2
+  c.progress_bar = False
+  c.evals = ml_collections.ConfigDict()
+  for key, value in changes.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def host_batch(config):
+  """One global training batch as NumPy (a single process reads the whole batch)."""
+  src = train.get_source(config, "train")
+  tok = train.tokenize_fn(config) if config.loss.name in train.TEXT_LOSSES else None
+  aug = augment.SimCLRAugment(size=config.image_size)
+  ds = pipeline.train_dataset(src, global_batch_size=config.batch_size, augment=aug, seed=0, tokenize_fn=tok)
+  return next(iter(ds))
+
+
+def one_step(config, devices, batch):
+  config = ml_collections.ConfigDict(config)
+  config.mesh.data = devices
+  mesh = train.make_mesh(config)
+  graphdef, _, shardings = train.abstract_state(config, mesh)
+  state = train.init_state(config, shardings)
+  step = train.make_train_step(config, graphdef, shardings, mesh, train.make_loss_fn(config, mesh, None))
+  placed = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  new_state, metrics = step(state, placed)
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(new_state)}
+  return jax.device_get(new_state), jax.device_get(metrics), specs
+
+
+@pytest.mark.parametrize("loss", ["xclr", "clip"])
+@pytest.mark.parametrize("partitioning", ["replicate", "fsdp"])
+def test_sharded_step_equals_single_device_step(loss, partitioning):
+  # SGD: its update is proportional to the gradient, so parameter differences show gradient differences
+  # (Adam's first step is ~lr * sign(g) and would amplify rounding on near-zero gradients).
+  config = tiny_config(loss, partitioning=partitioning, **{"optimizer.name": "sgd", "optimizer.lr": 0.1,
+                                                           "optimizer.warmup_steps": 0, "model.head": (256, 512)})
+  batch = host_batch(config)
+  state8, m8, specs8 = one_step(config, 8, batch)
+  state1, m1, _ = one_step(config, 1, batch)
+  if partitioning == "fsdp":
+    assert any("data" in s for s in specs8), specs8  # something really is split over the 8 devices
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  leaves8, _ = jax.tree_util.tree_flatten_with_path(state8)
+  for (path, a), b in zip(leaves8, jax.tree.leaves(state1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("loss", train.LOSSES)
+def test_every_loss_trains_a_few_steps(loss, tmp_path):
+  out = train.train_and_evaluate(tiny_config(loss, total_steps=3, checkpoint_every_steps=3), str(tmp_path))
+  assert out["step"] == 3 and np.isfinite(out["loss"])
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 3
+
+
+def test_restore_on_a_smaller_mesh_and_continue(tmp_path):
+  config = tiny_config(total_steps=4, checkpoint_every_steps=4)
+  first = train.train_and_evaluate(config, str(tmp_path))
+  saved = jax.device_get(first["state"])
+  # The same workdir on a 4-device mesh: restores the 8-device checkpoint and, at total_steps, changes nothing.
+  config4 = tiny_config(total_steps=4, checkpoint_every_steps=4, **{"mesh.data": 4})
+  again = train.train_and_evaluate(config4, str(tmp_path))
+  leaves = jax.tree.leaves(again["state"])
+  assert {x.sharding.mesh.devices.size for x in leaves} == {4}
+  for a, b in zip(leaves, jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  # ... and continues there.
+  config4.total_steps = 6
+  more = train.train_and_evaluate(config4, str(tmp_path))
+  assert more["step"] == 6 and np.isfinite(more["loss"])
+
+
+BAD_CONFIGS = [
+    ({"total_steps": 0}, "config.total_steps: must be > 0"),
+    ({"batch_size": 3}, "config.batch_size: the 6 rows .* do not split over mesh.data=8"),
+    ({"model.variant": "resnet51"}, "config.model.variant: unknown image tower 'resnet51'"),
+    ({"loss.name": "infonce"}, "config.loss.name: unknown loss 'infonce'"),
+    ({"data.train": "imagefolder:/x"}, "config.data.train: unknown data source"),
+    ({"loss.temperature": 0.0}, "config.loss.temperature: must be > 0"),
+    ({"loss.target_temperature": -1.0}, "config.loss.target_temperature: must be > 0"),
+    ({"optimizer.name": "lamb"}, "config.optimizer.name: unknown optimizer 'lamb'"),
+    ({"partitioning": "tp"}, "config.partitioning: must be one of"),
+    ({"mesh.model": 3}, "config.mesh.model: 3 does not divide the 8 devices"),
+    ({"mesh.data": 16}, "config.mesh.data: data=16 x model=1 needs more than the 8 devices"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_CONFIGS)
+def test_config_errors_name_the_key_and_leave_the_workdir_untouched(changes, message, tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(tiny_config(**changes), str(workdir))
+  assert not workdir.exists()
+
+
+def test_config_is_locked_and_typed():
+  c = common.base()
+  c.lock()
+  with pytest.raises(AttributeError, match="totl_steps"):
+    c.totl_steps = 5
+  with pytest.raises(TypeError):
+    c.total_steps = "many"
+  with pytest.raises(ValueError, match="unknown config argument 'los'"):
+    smoke.get_config("los=simclr")
