@@ -11,6 +11,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "config file, optionally with ':arg'", lock_config=True)
@@ -22,7 +23,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from xsample_jax import train  # after flag parsing: a --help never pays for importing jax
-  logging.getLogger().setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.INFO)
+  # orbax narrates every save at INFO; keep its warnings, drop the narration.
+  absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
   config = flags.FLAGS.config
   try:
     train.check_config(config)

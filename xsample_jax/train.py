@@ -433,6 +433,14 @@ def load_backbone(path: str, tower: nnx.Module) -> None:
 # Metrics: metrics.jsonl + TensorBoard, written by process 0.
 
 
+def _logged_step(line: str) -> float:
+  """The step of a metrics.jsonl line; a line torn by a kill counts as after every checkpoint."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return math.inf
+
+
 class MetricWriter:
   """One JSON object per logged step in DIR/metrics.jsonl, and TensorBoard events in DIR/tensorboard."""
 
@@ -442,7 +450,7 @@ class MetricWriter:
       return
     self.path = workdir / "metrics.jsonl"
     if self.path.exists():  # a resumed run logs the steps after its checkpoint again: drop their old lines
-      kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      kept = [l for l in self.path.read_text().splitlines() if _logged_step(l) <= resume_step]
       self.path.write_text("".join(l + "\n" for l in kept))
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
