@@ -9,7 +9,11 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-_NONE_STR = config_dict.placeholder(str)
+
+
+def _optional_str():
+  # A fresh placeholder per key: one shared FieldReference would tie every key that uses it together.
+  return config_dict.placeholder(str)
 
 
 def base() -> ml_collections.ConfigDict:
@@ -29,8 +33,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.eval = "procedural"
   c.data.eval_split = "original"
-  c.data.data_dir = _NONE_STR  # TFDS data_dir
-  c.data.cache_dir = _NONE_STR  # class-name caption embeddings; default DATA_DIR/xsample_caption_emb or WORKDIR
+  c.data.data_dir = _optional_str()  # TFDS data_dir
+  c.data.cache_dir = _optional_str()  # class-name caption embeddings; default DATA_DIR/xsample_caption_emb or WORKDIR
   c.data.template = "a photo of a {}"  # class-name caption of label datasets
   c.data.num_workers = 0  # grain worker processes (augmentation runs there)
   c.data.read_threads = 8
@@ -53,7 +57,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.head_bn = True
   c.model.zero_init_residual = True  # ResNets: each block starts as the identity
   c.model.bn_momentum = 0.9
-  c.model.stem = _NONE_STR  # ResNets: 'imagenet' | 'cifar'; None: the variant's own
+  c.model.stem = _optional_str()  # ResNets: 'imagenet' | 'cifar'; None: the variant's own
   c.model.pool = "gap"  # ViTs: 'gap' | 'cls'
   c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters and optimizer state
   c.model.text = "text_b"  # text tower of the image-text losses
@@ -88,18 +92,22 @@ def base() -> ml_collections.ConfigDict:
   c.partitioning = "replicate"  # 'replicate' | 'fsdp'
 
   c.init = ml_collections.ConfigDict()
-  c.init.checkpoint = _NONE_STR  # a run's workdir (or its checkpoints/ dir): start from its model
-  c.init.backbone = _NONE_STR  # an .npz of image-tower parameters (`xsample_jax.train.save_backbone`)
+  c.init.checkpoint = _optional_str()  # a run's workdir (or its checkpoints/ dir): start from its model
+  c.init.backbone = _optional_str()  # an .npz of image-tower parameters (`xsample_jax.train.save_backbone`)
 
   c.evals = ml_collections.ConfigDict()  # name -> settings, e.g. evals.linear_probe = {...}
   return c
 
 
 def linear_probe(train_examples: int = 10_000, eval_examples: int = 10_000, batch_size: int = 256,
-                 label: str = "label") -> ml_collections.ConfigDict:
-  """A linear probe on frozen backbone features of data.train (un-augmented) scored on data.eval."""
+                 label: str = "label", train_data: str = "", train_split: str = "",
+                 eval_data: str = "", eval_split: str = "") -> ml_collections.ConfigDict:
+  """A linear probe on frozen backbone features (un-augmented: resize + centre crop), fitted on the first
+  `train_examples` of train_data and scored on eval_data; empty data/split strings mean the run's data.train /
+  data.eval and their splits."""
   return ml_collections.ConfigDict(dict(train_examples=train_examples, eval_examples=eval_examples,
-                                        batch_size=batch_size, label=label))
+                                        batch_size=batch_size, label=label, train_data=train_data,
+                                        train_split=train_split, eval_data=eval_data, eval_split=eval_split))
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -122,3 +130,27 @@ def parse_arg(arg: str | None, **defaults):
     else:
       out[name] = kind(value)
   return out
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to a few CPU steps (big_vision's `runlocal`): the same code paths at toy sizes."""
+  c.total_steps, c.batch_size, c.image_size = 4, 8, 64
+  c.log_every_steps, c.checkpoint_every_steps = 1, 2
+  c.optimizer.warmup_steps = 1
+  c.data.num_workers = 0
+  c.model.dtype = "float32"
+  c.progress_bar = False
+  for name in c.evals:
+    c.evals[name].train_examples, c.evals[name].eval_examples, c.evals[name].batch_size = 64, 32, 16
+  return c
+
+
+def vit(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """A ViT tower with the AdamW recipe of MoCo v3 / DINO-style ViT pretraining (lr 1.5e-4 per 256 images)."""
+  c.model.variant = variant
+  c.optimizer.name = "adamw"
+  c.optimizer.lr, c.optimizer.lr_batch = 1.5e-4, 256
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.b2 = 0.95
+  c.optimizer.grad_clip_norm = 1.0
+  return c

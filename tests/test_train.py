@@ -8,28 +8,9 @@ import numpy as np
 import pytest
 
 from configs import common, smoke
+from tests.helpers import tiny_config
 from xsample_jax import sharding, train
 from xsample_jax.data import augment, pipeline
-
-
-def tiny_config(loss="xclr", **changes) -> ml_collections.ConfigDict:
-  """The smoke config shrunk to seconds: 16 px crops, 16 images (32 rows), no evaluation."""
-  c = smoke.get_config(f"loss={loss}")
-  c.total_steps, c.batch_size, c.image_size = 20, 16, 16
-  c.log_every_steps, c.checkpoint_every_steps = 1, 5
-  c.data.procedural_examples, c.data.procedural_image_size = 256, 24
-  c.data.context_length = 16
-  c.model.head = (64, 32)
-  c.optimizer.warmup_steps = 2
-  c.progress_bar = False
-  c.evals = ml_collections.ConfigDict()
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
 
 
 def host_batch(config):

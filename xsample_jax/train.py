@@ -133,19 +133,21 @@ def _embed_fn(texts):
   return sentence_encoder.embed_texts(texts)
 
 
-def get_source(config, which: str, workdir: epath.Path | None = None):
-  """data.train / data.eval as a random-access source (class-name embeddings computed once and cached)."""
-  spec, split = config.data[which], config.data[f"{which}_split"]
+def get_source(config, spec: str, split: str, workdir: epath.Path | None = None):
+  """A data source string (data.train, data.eval, an evaluator's) as a random-access source; class-name caption
+  embeddings are computed once (by the frozen sentence encoder) and cached."""
   kind = spec.partition(":")[0]
-  if kind == "procedural":
-    num = config.data.procedural_examples if which == "train" else max(config.data.procedural_examples // 10, 1000)
+  if kind == "procedural":  # the training split gets data.procedural_examples, the others a tenth (>= 1000)
+    train = split == "train"
+    num = config.data.procedural_examples if train else max(config.data.procedural_examples // 10, 1000)
     return sources.get_source(spec, split, num_examples=num, image_size=config.data.procedural_image_size,
-                              seed=config.seed if which == "train" else config.seed + 1)
+                              seed=config.seed if train else config.seed + 1)
   if kind in ("tfds", "folder"):
-    cache = config.data.cache_dir or (None if config.data.data_dir else str(workdir / "caption_emb")
-                                      if workdir else None)
-    kw = dict(template=config.data.template, cache_dir=cache)
-    return sources.get_source(spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir, **kw)
+    cache = config.data.cache_dir
+    if cache is None and config.data.data_dir is None and workdir is not None:
+      cache = str(workdir / "caption_emb")
+    return sources.get_source(spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir,
+                              template=config.data.template, cache_dir=cache)
   return sources.get_source(spec, split)
 
 
@@ -483,20 +485,19 @@ def features_fn(graphdef, mesh):
   return jax.jit(features, out_shardings=sharding.batch_sharding(mesh))
 
 
-def extract_features(config, features, state, source, mesh, max_examples, label_field):
-  """Features [n, D] and labels [n] of the first `max_examples` of `source`, un-augmented (resize + centre crop)."""
+def extract_features(features, state, source, mesh, ec, image_size, train=True):
+  """Features [n, D] and labels [n] of the first train_examples / eval_examples of `source`, un-augmented."""
   from jax.experimental import multihost_utils
-  source = _Head(source, max_examples)
-  global_batch = max(mesh.shape[sharding.DATA], config.evals.linear_probe.batch_size // mesh.shape[sharding.DATA]
-                     * mesh.shape[sharding.DATA])
-  ds = pipeline.eval_dataset(source, global_batch_size=global_batch, image_size=config.image_size, mesh=mesh,
-                             num_workers=0, read_threads=config.data.read_threads)
+  source = _Head(source, ec.train_examples if train else ec.eval_examples)
+  shards = mesh.shape[sharding.DATA]
+  ds = pipeline.eval_dataset(source, global_batch_size=max(shards, ec.batch_size // shards * shards),
+                             image_size=image_size, mesh=mesh)
   feats, labels = [], []
   for batch in ds:
-    f = features(state, batch["image"])
     keep = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
-    feats.append(np.asarray(multihost_utils.process_allgather(f, tiled=True))[keep])
-    labels.append(np.asarray(multihost_utils.process_allgather(batch[label_field], tiled=True))[keep])
+    f = multihost_utils.process_allgather(features(state, batch["image"]), tiled=True)
+    feats.append(np.asarray(f)[keep])
+    labels.append(np.asarray(multihost_utils.process_allgather(batch[ec.label], tiled=True))[keep])
   return np.concatenate(feats), np.concatenate(labels)
 
 
@@ -513,14 +514,19 @@ class _Head:
     return self.source[i]
 
 
-def run_evals(config, graphdef, state, mesh, train_source, eval_source) -> dict[str, float]:
+def run_evals(config, graphdef, state, mesh, workdir) -> dict[str, float]:
+  """Every evaluator in config.evals on the current state; metrics named eval/NAME/METRIC."""
   from xsample_jax.evals import linear_probe
   out = {}
   if "linear_probe" in config.evals:
     ec = config.evals.linear_probe
+    train_src = get_source(config, ec.train_data or config.data.train, ec.train_split or config.data.train_split,
+                           workdir)
+    eval_src = get_source(config, ec.eval_data or config.data.eval, ec.eval_split or config.data.eval_split,
+                          workdir)
     features = features_fn(graphdef, mesh)
-    train_x, train_y = extract_features(config, features, state, train_source, mesh, ec.train_examples, ec.label)
-    test_x, test_y = extract_features(config, features, state, eval_source, mesh, ec.eval_examples, ec.label)
+    train_x, train_y = extract_features(features, state, train_src, mesh, ec, config.image_size)
+    test_x, test_y = extract_features(features, state, eval_src, mesh, ec, config.image_size, train=False)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     res = linear_probe.run(train_x, train_y, test_x, test_y, num_classes, mesh=mesh)
     out.update({f"eval/linear_probe/{k}": v for k, v in res.items()})
@@ -554,7 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = workdir.resolve()  # orbax wants absolute paths
   mesh = make_mesh(config)
 
-  train_source = get_source(config, "train", workdir)
+  train_source = get_source(config, config.data.train, config.data.train_split, workdir)
   table = None
   if config.loss.name == "xclr" and graph_kind(config, train_source) == "class":
     if not isinstance(train_source, sources.LabelSource):
@@ -580,7 +586,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     start = 0
     state = init_state(config, shardings)
-    state = _warm_start(config, graphdef, state, target, shardings)
+    state = warm_start(config, graphdef, state, target, shardings)
     data_state = it.get_state()
 
   writer = MetricWriter(workdir, start)
@@ -588,7 +594,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = None
   if config.progress_bar and jax.process_index() == 0:
     from tqdm import tqdm
-    bar = tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
 
   pending, data_wait, last = [], 0.0, {}
   t_log = time.perf_counter()
@@ -632,7 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       preempted = True
       break
     if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-      results = run_evals(config, graphdef, state, mesh, train_source, _eval_source(config, workdir))
+      results = run_evals(config, graphdef, state, mesh, workdir)
       writer.write(step, results)
   mngr.wait_until_finished()
   preemption.restore()
@@ -643,18 +649,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.close()
     logging.warning("preempted at step %d; rerun the same command to resume", step)
     return {**last, "preempted": True}
-  results = run_evals(config, graphdef, state, mesh, train_source, _eval_source(config, workdir))
+  results = run_evals(config, graphdef, state, mesh, workdir)
   writer.write(step, results)
   writer.close()
   mngr.close()
   return {**last, **results, "state": state, "graphdef": graphdef}
 
 
-def _eval_source(config, workdir):
-  return get_source(config, "eval", workdir) if config.evals else None
-
-
-def _warm_start(config, graphdef, state, target, shardings):
+def warm_start(config, graphdef, state, target, shardings):
   """init.checkpoint: the model of another run (a fresh optimizer); init.backbone: image-tower parameters."""
   if not (config.init.checkpoint or config.init.backbone):
     return state
