@@ -18,14 +18,17 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 100
   c.data.procedural_examples = 8192
   c.data.procedural_image_size = 48
-  c.augment.crop_scale = (0.2, 1.0)
+  # Milder than ImageNet's recipe: at 32 px strong crops and colour jitter leave too little to match in 300 steps
+  # (measured: the loss stays at the uniform-prediction level log(2B - 1) with crop 0.2 and jitter 1.0).
+  c.augment.crop_scale = (0.5, 1.0)
+  c.augment.jitter_strength = 0.5
   c.augment.blur_prob = 0.0  # blur at 32 px erases the shapes
   c.model.variant = "resnet_tiny"
   c.model.head = (128, 64)
   c.model.text = "text_tiny"
   c.loss.name = arg.loss
   c.optimizer.name = "adamw"
-  c.optimizer.lr = 2e-3
+  c.optimizer.lr = 5e-3
   c.optimizer.lr_batch = 0
   c.optimizer.weight_decay = 1e-4
   c.optimizer.warmup_steps = 20
