@@ -41,7 +41,7 @@ def test_paper_settings():
 @pytest.mark.slow
 def test_imagenet_runlocal_trains_with_the_class_table_on_tfds_mock_data(tmp_path):
   c = imagenet.get_config("loss=xclr,runlocal")
-  c.model.variant, c.model.head, c.image_size = "resnet18", (64, 32), 32  # seconds on CPU, the same code path
+  c.model.variant, c.model.head, c.image_size = "resnet_tiny", (64, 32), 32  # seconds on CPU, the same code path
   c.data.cache_dir = str(tmp_path / "cache")
   with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
     out = train.train_and_evaluate(c, str(tmp_path / "run"))

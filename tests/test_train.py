@@ -15,7 +15,7 @@ from xsample_jax.data import augment, pipeline
 
 def host_batch(config):
   """One global training batch as NumPy (a single process reads the whole batch)."""
-  src = train.get_source(config, "train")
+  src = train.get_source(config, config.data.train, config.data.train_split)
   tok = train.tokenize_fn(config) if config.loss.name in train.TEXT_LOSSES else None
   aug = augment.SimCLRAugment(size=config.image_size)
   ds = pipeline.train_dataset(src, global_batch_size=config.batch_size, augment=aug, seed=0, tokenize_fn=tok)
