@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import common, smoke
 from tests.helpers import tiny_config
@@ -62,13 +63,23 @@ def test_every_loss_trains_a_few_steps(loss, tmp_path):
   assert len(lines) == 3
 
 
-def test_restore_on_a_smaller_mesh_and_continue(tmp_path):
+def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state(tmp_path):
+  config = tiny_config(total_steps=3, checkpoint_every_steps=3, **{"model.dtype": "bfloat16"})
+  out = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(out["loss"])
+  ts = nnx.merge(out["graphdef"], out["state"])
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(ts.model, nnx.Param))} == {np.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(ts.optimizer.opt_state)} <= {np.dtype("float32"), np.dtype("int32")}
+
+
+def test_restore_on_a_smaller_mesh_and_continue(tmp_path, caplog):
   config = tiny_config(total_steps=4, checkpoint_every_steps=4)
   first = train.train_and_evaluate(config, str(tmp_path))
   saved = jax.device_get(first["state"])
   # The same workdir on a 4-device mesh: restores the 8-device checkpoint and, at total_steps, changes nothing.
   config4 = tiny_config(total_steps=4, checkpoint_every_steps=4, **{"mesh.data": 4})
   again = train.train_and_evaluate(config4, str(tmp_path))
+  assert "mesh.data: -1 -> 4" in caplog.text  # the resumed run says how its config differs from the saved one
   leaves = jax.tree.leaves(again["state"])
   assert {x.sharding.mesh.devices.size for x in leaves} == {4}
   for a, b in zip(leaves, jax.tree.leaves(saved)):

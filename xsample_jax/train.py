@@ -288,7 +288,7 @@ def class_similarity(source) -> np.ndarray:
   return (table @ table.T).astype(np.float32)
 
 
-def make_loss_fn(config, mesh, table: np.ndarray | None):
+def make_loss_fn(config, mesh, table: jax.Array | None):
   """(model, batch) -> (loss, aux metrics). The loss runs in shard_map over 'data' on the global batch."""
   name, lc = config.loss.name, config.loss
   kw = dict(axis_name=sharding.DATA, impl=lc.impl)
@@ -303,7 +303,7 @@ def make_loss_fn(config, mesh, table: np.ndarray | None):
                                                          target_temperature=lc.target_temperature,
                                                          mask_self=lc.mask_self, class_similarity=t, **kw),
                      rows, rows, P())
-      graph = lambda b: (b["label"], jnp.asarray(table))
+      graph = lambda b: (b["label"], table)
     else:
       xclr = section(lambda z, c: losses.xsample_loss(z, c, temperature=lc.temperature,
                                                       target_temperature=lc.target_temperature,
@@ -387,8 +387,20 @@ def restore_checkpoint(mngr, step, target):
   import grain
   data = _DataState()
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                   data=grain.checkpoint.CheckpointRestore(data)))
-  return out["state"], data.state
+                                                   data=grain.checkpoint.CheckpointRestore(data),
+                                                   config=ocp.args.JsonRestore()))
+  return out["state"], data.state, out["config"]
+
+
+def config_changes(saved: dict, config) -> list[str]:
+  """'key: saved -> now' for every leaf that differs between a checkpoint's config and the current one."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def _checkpoint_dir(path: str) -> epath.Path:
@@ -566,7 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not isinstance(train_source, sources.LabelSource):
       raise ConfigError("config.loss.graph: 'class' needs a label dataset (tfds: or folder:), "
                         f"not {config.data.train!r}")
-    table = class_similarity(train_source)
+    table = jax.device_put(class_similarity(train_source), sharding.replicated(mesh))
 
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -580,9 +592,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   it = train_iterator(config, train_source, mesh)
   start = mngr.latest_step()
   if start is not None:
-    state, data_state = restore_checkpoint(mngr, start, target)
+    state, data_state, saved_config = restore_checkpoint(mngr, start, target)
     it.set_state(data_state)
     logging.info("resumed from step %d in %s", start, workdir / "checkpoints")
+    changes = config_changes(saved_config, config)
+    if changes:  # legitimate (a new mesh, more steps), but the run is then not the one that was saved
+      logging.warning("the config differs from the checkpoint's: %s", "; ".join(changes))
   else:
     start = 0
     state = init_state(config, shardings)
@@ -604,7 +619,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = start
   preempted = False
   while step < config.total_steps:
-    state, metrics = train_step(state, batch)  # dispatched asynchronously
+    with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
+      state, metrics = train_step(state, batch)  # dispatched asynchronously
     step += 1
     data_state = it.get_state()  # the stream after the batches consumed so far
     pending.append((step, metrics))
