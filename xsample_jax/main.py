@@ -36,11 +36,21 @@ def main(argv):
     print(f"preempted at step {out['step']}: checkpoint saved in {flags.FLAGS.workdir}; rerun to resume")
     return
   probe = {k.split("/")[-1]: v for k, v in out.items() if k.startswith("eval/linear_probe/")}
-  summary = f"done: {out['step']} steps, final loss {out['loss']:.4f}"
+  summary = f"done: {out['step']} steps" + (f", final loss {out['loss']:.4f}" if "loss" in out else "")
   if "top1" in probe:
     summary += f", linear probe top-1 {100 * probe['top1']:.1f}%"
   print(summary + f" (workdir {flags.FLAGS.workdir})")
 
 
+def parse_flags(argv):
+  """absl's parser, with config_flags' own errors (a misspelt or ill-typed key) as one line instead of a trace."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(f"error: bad --config override: {str(e).strip(chr(39))}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -375,11 +375,11 @@ def checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
 
 
-def save_checkpoint(mngr, step, state, data_state, config, force=False):
+def save_checkpoint(mngr, step, state, data_state, config):
   import grain
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           data=grain.checkpoint.CheckpointSave(_DataState(data_state)),
-                                          config=ocp.args.JsonSave(config.to_dict())), force=force)
+                                          config=ocp.args.JsonSave(config.to_dict())), force=True)
 
 
 def restore_checkpoint(mngr, step, target):
@@ -564,6 +564,32 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _next_batch(it, clock):
+  t0 = time.perf_counter()
+  batch = next(it)
+  clock["data_wait"] += time.perf_counter() - t0
+  return batch
+
+
+def log_metrics(writer, bar, pending, batch_size, clock, data_metrics) -> dict[str, float]:
+  """Fetches the metrics of the steps since the last log (the loop's only host sync) and writes one row a step;
+  the last row also gets the interval's throughput and data-wait. Returns that row."""
+  fetched = jax.device_get(pending)
+  elapsed, n = time.perf_counter() - clock["log"], len(fetched)
+  rows = [{"step": s, **{k: float(v) for k, v in m.items()}} for s, m in fetched]
+  rows[-1].update({"step_time": elapsed / n, "images_per_sec": n * batch_size / elapsed,
+                   "data_wait": clock["data_wait"] / n, **data_metrics})
+  for row in rows:
+    writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
+  bad = [r["step"] for r in rows if not math.isfinite(r["loss"])]
+  if bad:  # the checkpoints so far stay as they are
+    raise FloatingPointError(f"the loss is not finite at steps {bad}")
+  if bar is not None:
+    bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", img_s=f"{rows[-1]['images_per_sec']:.0f}")
+  clock["log"], clock["data_wait"] = time.perf_counter(), 0.0
+  return rows[-1]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir` if any) and evaluates; returns the last metrics."""
   check_config(config)
@@ -611,13 +637,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from tqdm import tqdm
     bar = tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
 
-  pending, data_wait, last = [], 0.0, {}
-  t_log = time.perf_counter()
-  t0 = time.perf_counter()
-  batch = next(it) if start < config.total_steps else None
-  data_wait += time.perf_counter() - t0
-  step = start
-  preempted = False
+  step, pending, last, stopped = start, [], {"step": start}, False
+  clock = {"log": time.perf_counter(), "data_wait": 0.0}
+  batch = _next_batch(it, clock) if start < config.total_steps else None
   while step < config.total_steps:
     with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
       state, metrics = train_step(state, batch)  # dispatched asynchronously
@@ -625,42 +647,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_state = it.get_state()  # the stream after the batches consumed so far
     pending.append((step, metrics))
     if step < config.total_steps:  # the host fetches the next batch while the device runs this step
-      t0 = time.perf_counter()
-      batch = next(it)
-      data_wait += time.perf_counter() - t0
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      fetched = jax.device_get(pending)  # the only host sync of the loop
-      elapsed = time.perf_counter() - t_log
-      n = len(fetched)
-      for s, m in fetched:
-        row = dict(m)
-        if s == step:
-          row.update({"step_time": elapsed / n, "images_per_sec": n * config.batch_size / elapsed,
-                      "data_wait": data_wait / n, **it.metrics()})
-        writer.write(s, row)
-      last = {"step": step, **{k: float(v) for k, v in fetched[-1][1].items()}}
-      if not all(math.isfinite(float(m["loss"])) for _, m in fetched):
-        raise FloatingPointError(f"loss is not finite at step {step}: {[float(m['loss']) for _, m in fetched]}")
-      if bar is not None:
-        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{n * config.batch_size / elapsed:.0f}")
-      pending, data_wait, t_log = [], 0.0, time.perf_counter()
+      batch = _next_batch(it, clock)
+    stop, end = preemption.requested, step == config.total_steps
+    if stop or end or step % config.log_every_steps == 0:
+      last = log_metrics(writer, bar, pending, config.batch_size, clock, it.metrics())
+      pending = []
     if bar is not None:
       bar.update(1)
-    if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
-      save_checkpoint(mngr, step, state, data_state, config, force=True)
-    elif preemption.requested:
-      save_checkpoint(mngr, step, state, data_state, config, force=True)
-    if preemption.requested:
-      preempted = True
+    if stop or end or step % config.checkpoint_every_steps == 0:
+      save_checkpoint(mngr, step, state, data_state, config)
+    if stop:
+      stopped = True
       break
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-      results = run_evals(config, graphdef, state, mesh, workdir)
-      writer.write(step, results)
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and not end:
+      writer.write(step, run_evals(config, graphdef, state, mesh, workdir))
   mngr.wait_until_finished()
   preemption.restore()
   if bar is not None:
     bar.close()
-  if preempted:
+  if stopped:
     writer.close()
     mngr.close()
     logging.warning("preempted at step %d; rerun the same command to resume", step)
