@@ -102,6 +102,8 @@ BAD_CONFIGS = [
     ({"partitioning": "tp"}, "config.partitioning: must be one of"),
     ({"mesh.model": 3}, "config.mesh.model: 3 does not divide the 8 devices"),
     ({"mesh.data": 16}, "config.mesh.data: data=16 x model=1 needs more than the 8 devices"),
+    ({"data.train": "folder:/no/such/dir"}, "config.data.train: 'folder:/no/such/dir' cannot be read"),
+    ({"data.train": "tfds:no_such_dataset"}, "config.data.train: 'tfds:no_such_dataset' cannot be read"),
 ]
 
 

@@ -598,7 +598,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = workdir.resolve()  # orbax wants absolute paths
   mesh = make_mesh(config)
 
-  train_source = get_source(config, config.data.train, config.data.train_split, workdir)
+  try:
+    train_source = get_source(config, config.data.train, config.data.train_split, workdir)
+  except (ValueError, OSError) as e:  # a missing directory, an unknown TFDS name, an empty shard manifest
+    raise ConfigError(f"config.data.train: {config.data.train!r} cannot be read: {e}") from e
   table = None
   if config.loss.name == "xclr" and graph_kind(config, train_source) == "class":
     if not isinstance(train_source, sources.LabelSource):
