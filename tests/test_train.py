@@ -124,3 +124,12 @@ def test_config_is_locked_and_typed():
     c.total_steps = "many"
   with pytest.raises(ValueError, match="unknown config argument 'los'"):
     smoke.get_config("los=simclr")
+
+
+def test_weight_decay_and_lars_adaptation_skip_biases_norms_and_scalars():
+  model = train.Model(tiny_config("clip"), rngs=nnx.Rngs(0))
+  mask = train._decay_mask(nnx.state(model, nnx.Param))
+  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  decayed = {k for k, m in flat.items() if m}
+  assert decayed and all("kernel" in k or "embedding" in k or "posemb" in k for k in decayed), decayed
+  assert not any(m for k, m in flat.items() if "bias" in k or "scale" in k or "norm" in k)  # incl. log_scale
