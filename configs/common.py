@@ -26,6 +26,7 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = 0  # 0: evaluate at the end only
+  c.eval_batch_size = 256  # global, for extracting frozen features
   c.progress_bar = True
 
   c.data = ml_collections.ConfigDict()
@@ -99,14 +100,13 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def linear_probe(train_examples: int = 10_000, eval_examples: int = 10_000, batch_size: int = 256,
-                 label: str = "label", train_data: str = "", train_split: str = "",
+def linear_probe(train_examples: int = 10_000, eval_examples: int = 10_000, label: str = "label", train_data: str = "", train_split: str = "",
                  eval_data: str = "", eval_split: str = "") -> ml_collections.ConfigDict:
   """A linear probe on frozen backbone features (un-augmented: resize + centre crop), fitted on the first
   `train_examples` of train_data and scored on eval_data; empty data/split strings mean the run's data.train /
   data.eval and their splits."""
   return ml_collections.ConfigDict(dict(train_examples=train_examples, eval_examples=eval_examples,
-                                        batch_size=batch_size, label=label, train_data=train_data,
+                                        label=label, train_data=train_data,
                                         train_split=train_split, eval_data=eval_data, eval_split=eval_split))
 
 
@@ -140,8 +140,9 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   c.model.dtype = "float32"
   c.progress_bar = False
+  c.eval_batch_size = 16
   for name in c.evals:
-    c.evals[name].train_examples, c.evals[name].eval_examples, c.evals[name].batch_size = 64, 32, 16
+    c.evals[name].train_examples, c.evals[name].eval_examples = 64, 32
   return c
 
 

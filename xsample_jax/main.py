@@ -7,12 +7,12 @@ colon (`configs/imagenet.py:loss=simclr,runlocal`). Exit status 0 also after a S
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from xsample_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "config file, optionally with ':arg'", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here (local or gs://)")
@@ -23,9 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from xsample_jax import train  # after flag parsing: a --help never pays for importing jax
-  absl_logging.set_verbosity(absl_logging.INFO)
-  # orbax narrates every save at INFO; keep its warnings, drop the narration.
-  absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
+  cli.quiet_logs()
   config = flags.FLAGS.config
   try:
     train.check_config(config)
@@ -42,15 +40,5 @@ def main(argv):
   print(summary + f" (workdir {flags.FLAGS.workdir})")
 
 
-def parse_flags(argv):
-  """absl's parser, with config_flags' own errors (a misspelt or ill-typed key) as one line instead of a trace."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(f"error: bad --config override: {str(e).strip(chr(39))}")
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -42,7 +42,6 @@ OPTIMIZERS = ("lars", "adamw", "sgd")
 GRAPHS = ("auto", "caption", "class")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SOURCE_KINDS = ("procedural", "tfds", "shards", "folder")
-EVALUATORS = ("linear_probe",)
 
 
 class ConfigError(ValueError):
@@ -92,8 +91,9 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
     need(config.loss.graph != "class", "loss.graph",
          "'class' needs a label dataset (tfds: or folder:); caption shards have 'caption' graphs")
     need(config.loss.name != "supcon", "loss.name", "supcon needs labels; caption shards have none")
+  from xsample_jax.evals import REGISTRY
   for name in config.evals:
-    need(name in EVALUATORS, f"evals.{name}", f"unknown evaluator; valid: {', '.join(EVALUATORS)}")
+    need(name in REGISTRY, f"evals.{name}", f"unknown evaluator; valid: {', '.join(sorted(REGISTRY))}")
   need(not (config.init.checkpoint and config.init.backbone), "init",
        "set init.checkpoint or init.backbone, not both")
 
@@ -458,12 +458,13 @@ def _logged_step(line: str) -> float:
 class MetricWriter:
   """One JSON object per logged step in DIR/metrics.jsonl, and TensorBoard events in DIR/tensorboard."""
 
-  def __init__(self, workdir: epath.Path, resume_step: int):
+  def __init__(self, workdir: epath.Path, resume_step: int | None):
+    """resume_step: the step training (re)starts from, whose later lines are dropped; None appends only."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     self.path = workdir / "metrics.jsonl"
-    if self.path.exists():  # a resumed run logs the steps after its checkpoint again: drop their old lines
+    if self.path.exists() and resume_step is not None:  # a resumed run logs the steps after its checkpoint again
       kept = [l for l in self.path.read_text().splitlines() if _logged_step(l) <= resume_step]
       self.path.write_text("".join(l + "\n" for l in kept))
     from tensorboardX import SummaryWriter
@@ -485,32 +486,16 @@ class MetricWriter:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: evaluators chosen by name in config.evals.
+# Evaluation: the frozen features the evaluators (xsample_jax/evals, chosen by name in config.evals) ask for.
 
 
-def features_fn(graphdef, mesh):
-  """(state, images uint8) -> frozen backbone features, BatchNorm on its running averages."""
-  def features(state, images):
-    model = nnx.merge(graphdef, state).model
-    tower = nnx.view(model.image.tower, use_running_average=True)
-    return tower(augment.normalize(images)).astype(jnp.float32)
-  return jax.jit(features, out_shardings=sharding.batch_sharding(mesh))
-
-
-def extract_features(features, state, source, mesh, ec, image_size, train=True):
-  """Features [n, D] and labels [n] of the first train_examples / eval_examples of `source`, un-augmented."""
-  from jax.experimental import multihost_utils
-  source = _Head(source, ec.train_examples if train else ec.eval_examples)
-  shards = mesh.shape[sharding.DATA]
-  ds = pipeline.eval_dataset(source, global_batch_size=max(shards, ec.batch_size // shards * shards),
-                             image_size=image_size, mesh=mesh)
-  feats, labels = [], []
-  for batch in ds:
-    keep = np.asarray(multihost_utils.process_allgather(batch["valid"], tiled=True))
-    f = multihost_utils.process_allgather(features(state, batch["image"]), tiled=True)
-    feats.append(np.asarray(f)[keep])
-    labels.append(np.asarray(multihost_utils.process_allgather(batch[ec.label], tiled=True))[keep])
-  return np.concatenate(feats), np.concatenate(labels)
+def embed_fn(graphdef, mesh):
+  """(state, images uint8) -> (backbone features, projections), BatchNorm on its running averages."""
+  def embed(state, images):
+    encoder = nnx.view(nnx.merge(graphdef, state).model.image, use_running_average=True)
+    h, z = encoder(augment.normalize(images))
+    return h.astype(jnp.float32), z.astype(jnp.float32)
+  return jax.jit(embed, out_shardings=(sharding.batch_sharding(mesh),) * 2)
 
 
 class _Head:
@@ -526,23 +511,40 @@ class _Head:
     return self.source[i]
 
 
-def run_evals(config, graphdef, state, mesh, workdir) -> dict[str, float]:
-  """Every evaluator in config.evals on the current state; metrics named eval/NAME/METRIC."""
-  from xsample_jax.evals import linear_probe
-  out = {}
-  if "linear_probe" in config.evals:
-    ec = config.evals.linear_probe
-    train_src = get_source(config, ec.train_data or config.data.train, ec.train_split or config.data.train_split,
-                           workdir)
-    eval_src = get_source(config, ec.eval_data or config.data.eval, ec.eval_split or config.data.eval_split,
-                          workdir)
-    features = features_fn(graphdef, mesh)
-    train_x, train_y = extract_features(features, state, train_src, mesh, ec, config.image_size)
-    test_x, test_y = extract_features(features, state, eval_src, mesh, ec, config.image_size, train=False)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    res = linear_probe.run(train_x, train_y, test_x, test_y, num_classes, mesh=mesh)
-    out.update({f"eval/linear_probe/{k}": v for k, v in res.items()})
-  return out
+def make_extract(config, graphdef, state, mesh, workdir=None):
+  """An `evals.ExtractFn`: (data spec, split, max examples) -> host arrays of every process's rows, in source
+  order: "features", "projections", "caption_emb" and the source's int fields. Un-augmented (resize + centre
+  crop), sharded over the mesh like training batches; every process takes part."""
+  from jax.experimental import multihost_utils
+  embed = embed_fn(graphdef, mesh)
+  shards = mesh.shape[sharding.DATA]
+  batch_size = max(shards, config.eval_batch_size // shards * shards)
+
+  def gather(x):
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  def extract(spec, split, max_examples):
+    source = _Head(get_source(config, spec, split, workdir), max_examples)
+    ds = pipeline.eval_dataset(source, global_batch_size=batch_size, image_size=config.image_size, mesh=mesh,
+                               read_threads=config.data.read_threads)
+    parts = []
+    for batch in ds:
+      h, z = embed(state, batch["image"])
+      keep = gather(batch["valid"])
+      fields = {k: v for k, v in batch.items() if k not in ("image", "valid")}
+      parts.append({k: gather(v)[keep] for k, v in {"features": h, "projections": z, **fields}.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  return extract
+
+
+def run_evals(config, graphdef, state, mesh, workdir, names=None) -> dict[str, float]:
+  """Every evaluator of config.evals (or `names`) on `state`, as eval/NAME/METRIC."""
+  from xsample_jax import evals
+  if not config.evals:
+    return {}
+  data = evals.Features(make_extract(config, graphdef, state, mesh, workdir), config, mesh)
+  return evals.run_all(data, config.evals, names)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,9 +1,72 @@
-"""Evaluators of frozen representations, on arrays of features the trainer has already extracted.
+"""Evaluators of frozen representations, chosen by name in `config.evals.NAME = {...}` (big_vision's style).
 
-Each evaluator is a module looked up by name in REGISTRY, with a `run(train_x, train_y, test_x, test_y,
-num_classes, **kw) -> dict` entry that returns Python floats. Only the linear probe exists so far; few-shot,
-k-NN and others come later under their own names.
+Each evaluator is a module in REGISTRY with one entry, `evaluator(data: Features, settings) -> dict[str, float]`,
+that asks `data` for the frozen features it needs and computes its metrics with the array-level functions of its
+module (`linear_probe.run`, `knn.run`, ...), which know nothing of models or data pipelines. The trainer runs every
+configured evaluator every `eval_every_steps` and at the end; `python -m xsample_jax.evaluate` runs them on any
+saved checkpoint. Metrics are logged as `eval/NAME/METRIC`.
+
+An evaluator's data default to the run's: `data.train` (un-augmented: resize + centre crop) to fit, `data.eval` to
+test; `settings.train_data` / `settings.eval_data` (and `_split`) point it elsewhere.
 """
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
 from xsample_jax.evals import linear_probe
 
 REGISTRY = {"linear_probe": linear_probe}
+# Rows to fit on and to test on, when an evaluator's settings do not say.
+TRAIN_EXAMPLES = EVAL_EXAMPLES = 10_000
+
+# (spec, split, max_examples) -> {"features": [n, D], "projections": [n, P], "caption_emb": [n, E], int fields}
+ExtractFn = Callable[[str, str, int], dict]
+
+
+@dataclasses.dataclass
+class Features:
+  """Frozen features of one model state, extracted on request and cached for the evaluators of one round."""
+  extract: ExtractFn
+  config: object  # the run's ConfigDict
+  mesh: object = None
+  _cache: dict = dataclasses.field(default_factory=dict)
+
+  def get(self, spec: str, split: str, max_examples: int) -> dict:
+    key = (spec, split, int(max_examples))
+    if key not in self._cache:
+      self._cache[key] = self.extract(spec, split, int(max_examples))
+    return self._cache[key]
+
+  def train(self, settings) -> dict:
+    """The fitting rows: settings.train_data or the run's data.train, its first settings.train_examples."""
+    return self.get(settings.get("train_data") or self.config.data.train,
+                    settings.get("train_split") or self.config.data.train_split,
+                    settings.get("train_examples", TRAIN_EXAMPLES))
+
+  def test(self, settings) -> dict:
+    """The testing rows: settings.eval_data or the run's data.eval, its first settings.eval_examples."""
+    return self.get(settings.get("eval_data") or self.config.data.eval,
+                    settings.get("eval_split") or self.config.data.eval_split,
+                    settings.get("eval_examples", EVAL_EXAMPLES))
+
+
+def num_classes(*labels: np.ndarray) -> int:
+  return int(max(np.max(y) for y in labels if len(y))) + 1
+
+
+def run_all(data: Features, evals, names=None) -> dict[str, float]:
+  """Every evaluator in `evals` (a name -> settings mapping), or those in `names`, as eval/NAME/METRIC."""
+  out = {}
+  for name in names or list(evals):
+    if name not in REGISTRY:
+      raise ValueError(f"unknown evaluator {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    t0 = time.perf_counter()
+    metrics = REGISTRY[name].evaluator(data, evals[name])
+    logging.info("eval/%s in %.1f s: %s", name, time.perf_counter() - t0, metrics)
+    out.update({f"eval/{name}/{k}": float(v) for k, v in metrics.items()})
+  return out

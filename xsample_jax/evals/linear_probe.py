@@ -151,6 +151,15 @@ def run(train_x, train_y, test_x, test_y, num_classes: int, **kw) -> dict:
 # Host side: checks, the holdout split, placement.
 
 
+def evaluator(data, settings) -> dict:
+  """The evaluator entry: fit on `data.train(settings)`, score on `data.test(settings)` (see evals/__init__.py);
+  settings.label names the int field to predict (default "label")."""
+  label = settings.get("label") or "label"
+  tr, te = data.train(settings), data.test(settings)
+  k = int(max(tr[label].max(), te[label].max())) + 1
+  return run(tr["features"], tr[label], te["features"], te[label], k, mesh=data.mesh)
+
+
 def _check_xy(x, y, num_classes, split):
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
     raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")

@@ -1,0 +1,128 @@
+"""Evaluates a saved checkpoint with the evaluators of its run's config (or others), and prints a table.
+
+  python -m xsample_jax.evaluate --workdir DIR [--step N] [--eval NAME ...] [--config.KEY=VALUE ...]
+
+The config is the one saved with the checkpoint; `--config.*` overrides apply to it (e.g. `--config.data.eval=
+folder:/data/imagenet9/mixed_rand` to evaluate on any labelled folder, or `--config.evals.knn.k=50`). `--eval`
+chooses evaluators from it (default: all of config.evals). Results are appended to DIR/metrics.jsonl and TensorBoard
+as eval/NAME/METRIC at the checkpoint's step.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import ml_collections
+
+
+def _as_tuples(d):
+  """JSON turned the config's tuples into lists; a ConfigDict field keeps the type it is built with."""
+  if isinstance(d, dict):
+    return {k: _as_tuples(v) for k, v in d.items()}
+  return tuple(_as_tuples(v) for v in d) if isinstance(d, list) else d
+
+
+def saved_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """(config, step) of the checkpoint at `step` (default: the latest) in workdir/checkpoints."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  mngr = ocp.CheckpointManager(epath.Path(workdir).resolve() / "checkpoints", item_names=("config",))
+  steps = mngr.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ValueError(f"no checkpoint at step {step} in {workdir}/checkpoints; saved steps: {sorted(steps)}")
+  saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  return ml_collections.ConfigDict(_as_tuples(saved)), step
+
+
+def restore(config, workdir: str, step: int):
+  """(graphdef, state, mesh): the checkpoint's train state on the mesh of `config`."""
+  from etils import epath
+
+  from xsample_jax import train
+  mesh = train.make_mesh(config)
+  graphdef, target, _ = train.abstract_state(config, mesh)
+  mngr = train.checkpoint_manager(epath.Path(workdir).resolve(), config)
+  import orbax.checkpoint as ocp
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  return graphdef, state, mesh
+
+
+def evaluate(config, workdir: str, step: int, names=None) -> dict[str, float]:
+  """Runs the evaluators on the checkpoint at `step` and logs them there; returns eval/NAME/METRIC."""
+  from etils import epath
+
+  from xsample_jax import train
+  train.check_config(config)
+  graphdef, state, mesh = restore(config, workdir, step)
+  results = train.run_evals(config, graphdef, state, mesh, epath.Path(workdir).resolve(), names)
+  writer = train.MetricWriter(epath.Path(workdir).resolve(), None)
+  writer.write(step, results)
+  writer.close()
+  return results
+
+
+def table(results: dict[str, float], step: int) -> str:
+  rows = [(k.split("/")[1], k.split("/", 2)[2], v) for k, v in sorted(results.items())]
+  width = max([len(f"{e} {m}") for e, m, _ in rows] + [10])
+  lines = [f"{'step ' + str(step):<{width}}  value", "-" * (width + 9)]
+  lines += [f"{e + ' ' + m:<{width}}  {v:.4f}" for e, m, v in rows]
+  return "\n".join(lines)
+
+
+def _flag(argv, name):
+  """The value of --name=V or --name V in argv (read before absl parses, to load the saved config)."""
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def main():
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from xsample_jax import cli
+
+  workdir, step = _flag(sys.argv, "workdir"), _flag(sys.argv, "step")
+  if not workdir:
+    sys.exit("error: --workdir DIR is required (a training run's directory)")
+  try:
+    config, step = saved_config(workdir, int(step) if step else None)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  flags.DEFINE_string("workdir", None, "the run's directory (holds checkpoints/)")
+  flags.DEFINE_integer("step", None, "the checkpoint to evaluate (default: the latest)")
+  flags.DEFINE_multi_string("eval", None, "evaluators to run (default: every one in config.evals)")
+  config_flags.DEFINE_config_dict("config", config, "the run's saved config; --config.KEY=VALUE overrides")
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from xsample_jax import train
+    cli.quiet_logs()
+    cfg = flags.FLAGS.config
+    try:
+      train.check_config(cfg)
+      for name in flags.FLAGS.eval or []:
+        if name not in cfg.evals:  # an evaluator the run did not configure: its defaults
+          from xsample_jax import evals
+          if name not in evals.REGISTRY:
+            raise train.ConfigError(f"--eval {name}: unknown evaluator; valid: {', '.join(sorted(evals.REGISTRY))}")
+          with cfg.unlocked():
+            cfg.evals[name] = ml_collections.ConfigDict()  # every setting at its default
+    except train.ConfigError as e:
+      sys.exit(f"error: {e}")
+    results = evaluate(cfg, workdir, step, flags.FLAGS.eval)
+    print(table(results, step))
+    print(json.dumps({"step": step, **results}))
+
+  app.run(run, flags_parser=cli.parse_flags)
+
+
+if __name__ == "__main__":
+  main()
