@@ -107,7 +107,7 @@ _normalise = jax.jit(_unit_rows)
 def _local_top_k(q, x, y, k):
   """The k largest similarities of q's rows to x's rows, and those rows' labels (padding rows: -inf)."""
   s = jnp.dot(q, x.T, precision=_HIGHEST)
-  pass
+  s = jnp.where(y[None, :] >= 0, s, -jnp.inf)
   s, idx = jax.lax.top_k(s, min(k, x.shape[0]))
   return s, y[idx]
 
