@@ -198,6 +198,17 @@ class _ImageFiles:
     return (epath.Path(self.root) / self.names[index]).read_bytes(), int(self.labels[index])
 
 
+def folder_classes(directory: str) -> list[str]:
+  """The class sub-directory names of an ImageFolder-style directory, sorted: label i is the i-th."""
+  root = epath.Path(directory)
+  if not root.is_dir():
+    raise ValueError(f"image folder {directory} does not exist or is not a directory")
+  classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+  if not classes:
+    raise ValueError(f"image folder {directory} has no class sub-directories (expected DIR/<class>/<image>)")
+  return classes
+
+
 def folder_source(directory: str, *, embed_fn: EmbedFn | None = None, template: str = DEFAULT_TEMPLATE,
                   class_names: Sequence[str] | str | None = None, cache_dir: str | None = None) -> LabelSource:
   """An ImageFolder-style directory: DIR/<class>/<image file>, label = index of the class in sorted order.
@@ -208,11 +219,7 @@ def folder_source(directory: str, *, embed_fn: EmbedFn | None = None, template: 
   entries are skipped. The class caption table is cached in `cache_dir` like `tfds_label_source`'s.
   """
   root = epath.Path(directory)
-  if not root.is_dir():
-    raise ValueError(f"image folder {directory} does not exist or is not a directory")
-  classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-  if not classes:
-    raise ValueError(f"image folder {directory} has no class sub-directories (expected DIR/<class>/<image>)")
+  classes = folder_classes(directory)
   names = _class_names(classes, class_names, f"the class directories of {directory}")
   if len(names) != len(classes):
     raise ValueError(f"{len(names)} class names for the {len(classes)} class directories of {directory}")

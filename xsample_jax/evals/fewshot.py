@@ -63,6 +63,17 @@ class Ridge:
 # Public entry points.
 
 
+def evaluator(data, settings) -> dict:
+  """The evaluator entry: n-shot classifiers drawn from data.train's rows, scored on data.eval's; settings shots
+  ((1, 5, 10, 25)), draws (5), seed (0), l2 (2**10), label ("label")."""
+  label = settings.get("label") or "label"
+  tr, te = data.train(settings), data.test(settings)
+  n = int(max(tr[label].max(), te[label].max())) + 1
+  return run(tr["features"], tr[label], te["features"], te[label], n, shots=tuple(settings.get("shots", SHOTS)),
+             draws=settings.get("draws", 5), seed=settings.get("seed", 0), l2=settings.get("l2", 2.0**10),
+             mesh=data.mesh)
+
+
 def run(train_x, train_y, test_x, test_y, num_classes: int, *, shots=SHOTS, draws: int = DRAWS, seed: int = 0,
         l2: float = L2, mesh: Mesh | None = None) -> dict:
   """{"{n}shot": mean top-1, "{n}shot_std": its std over the draws} for each n in `shots`.

@@ -40,6 +40,16 @@ BATCH_SIZE = 256
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def evaluator(data, settings) -> dict:
+  """The evaluator entry: neighbours among data.train's rows for data.eval's (see evals/__init__.py); settings
+  k (20) and temperature (0.07), label (the int field to predict, "label")."""
+  label = settings.get("label") or "label"
+  tr, te = data.train(settings), data.test(settings)
+  n = int(max(tr[label].max(), te[label].max())) + 1
+  return run(tr["features"], tr[label], te["features"], te[label], n, k=settings.get("k", 20),
+             temperature=settings.get("temperature", 0.07), mesh=data.mesh)
+
+
 def run(train_x, train_y, test_x, test_y, num_classes: int, *, k: int = K, temperature: float = TEMPERATURE,
         mesh: Mesh | None = None, batch_size: int = BATCH_SIZE) -> dict:
   """{"top1": ..., "top5": ...} (top5 only when num_classes > 5) over the test rows with a label >= 0.

@@ -1,0 +1,64 @@
+"""Evaluators by name on a trained state, and the evaluate CLI on a saved checkpoint (--step, --eval, overrides)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from tests.helpers import tiny_config
+from xsample_jax import evals, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(train_examples=128, eval_examples=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A 4-step run with a checkpoint at steps 2 and 4, evaluated by every evaluator at the end."""
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny_config(total_steps=4, checkpoint_every_steps=2)
+  for name in evals.REGISTRY:
+    config.evals[name] = ml_collections.ConfigDict(SMALL)
+  config.evals.fewshot.shots = (1, 5)
+  return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def test_every_evaluator_reports_at_the_end_of_training(tiny_run):
+  workdir, out = tiny_run
+  names = {k.split("/")[1] for k in out if k.startswith("eval/")}
+  assert names == set(evals.REGISTRY)
+  for key in ("eval/linear_probe/top1", "eval/fewshot/5shot", "eval/knn/top1", "eval/background/bg_gap", "eval/background/mixed_rand/top1",
+              "eval/attributes/attribute_top1", "eval/graph_alignment/spearman", "eval/graph_alignment/kl"):
+    assert key in out, sorted(out)
+  last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert last["step"] == 4 and last["eval/linear_probe/top1"] == out["eval/linear_probe/top1"]
+
+
+def test_unknown_evaluator_is_a_config_error():
+  config = tiny_config()
+  config.evals.nearest = ml_collections.ConfigDict()
+  with pytest.raises(train.ConfigError, match="config.evals.nearest: unknown evaluator"):
+    train.check_config(config)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_an_earlier_checkpoint(tiny_run):
+  workdir, _ = tiny_run
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "xsample_jax.evaluate", f"--workdir={workdir}", "--step=2", "--eval=linear_probe",
+         "--eval=graph_alignment", "--config.evals.linear_probe.train_examples=96"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "step 2" in proc.stdout and "linear_probe top1" in proc.stdout
+  printed = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert printed["step"] == 2 and {k.split("/")[1] for k in printed if "/" in k} == {"linear_probe",
+                                                                                      "graph_alignment"}
+  logged = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  assert logged == printed  # appended to the run's metrics at the checkpoint's step
+
+  bad = subprocess.run([sys.executable, "-m", "xsample_jax.evaluate", f"--workdir={workdir}", "--step=3"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "no checkpoint at step 3" in bad.stderr + bad.stdout
