@@ -33,10 +33,11 @@ def main(argv):
   if out.get("preempted"):
     print(f"preempted at step {out['step']}: checkpoint saved in {flags.FLAGS.workdir}; rerun to resume")
     return
-  probe = {k.split("/")[-1]: v for k, v in out.items() if k.startswith("eval/linear_probe/")}
   summary = f"done: {out['step']} steps" + (f", final loss {out['loss']:.4f}" if "loss" in out else "")
-  if "top1" in probe:
-    summary += f", linear probe top-1 {100 * probe['top1']:.1f}%"
+  for key, name in (("eval/linear_probe/top1", "linear probe top-1"), ("eval/fewshot/10shot", "10-shot"),
+                    ("eval/knn/top1", "k-NN top-1")):
+    if key in out:
+      summary += f", {name} {100 * out[key]:.1f}%"
   print(summary + f" (workdir {flags.FLAGS.workdir})")
 
 
