@@ -32,6 +32,7 @@ def base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train = "procedural"  # 'procedural' | 'tfds:NAME' | 'shards:DIR' | 'folder:DIR'
   c.data.train_split = "train"
+  c.data.train_fraction = 1.0  # train on the first fraction of data.train (the same subset for every seed); evals see all
   c.data.eval = "procedural"
   c.data.eval_split = "original"
   c.data.data_dir = _optional_str()  # TFDS data_dir

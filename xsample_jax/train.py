@@ -62,6 +62,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
               "keep_checkpoints"):
     need(config[key] > 0, key, f"must be > 0, got {config[key]}")
   need(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: at the end only)")
+  need(0 < config.data.train_fraction <= 1, "data.train_fraction", f"must be in (0, 1], got {config.data.train_fraction}")
   need(config.model.variant in models.IMAGE_TOWERS, "model.variant",
        f"unknown image tower {config.model.variant!r}; valid: {', '.join(models.IMAGE_TOWERS)}")
   need(len(config.model.head) > 0 and min(config.model.head) > 0, "model.head",
@@ -145,7 +146,7 @@ def get_source(config, spec: str, split: str, workdir: epath.Path | None = None)
   if kind in ("tfds", "folder"):
     cache = config.data.cache_dir
     if cache is None and config.data.data_dir is None and workdir is not None:
-      cache = str(workdir / "caption_emb")
+      cache = str(epath.Path(workdir) / "caption_emb")
     return sources.get_source(spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir,
                               template=config.data.template, cache_dir=cache)
   return sources.get_source(spec, split)
@@ -498,19 +499,6 @@ def embed_fn(graphdef, mesh):
   return jax.jit(embed, out_shardings=(sharding.batch_sharding(mesh),) * 2)
 
 
-class _Head:
-  """The first n elements of a source (evaluations on a budget)."""
-
-  def __init__(self, source, n):
-    self.source, self.n = source, min(len(source), n)
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    return self.source[i]
-
-
 def make_extract(config, graphdef, state, mesh, workdir=None):
   """An `evals.ExtractFn`: (data spec, split, max examples) -> host arrays of every process's rows, in source
   order: "features", "projections", "caption_emb" and the source's int fields. Un-augmented (resize + centre
@@ -524,7 +512,7 @@ def make_extract(config, graphdef, state, mesh, workdir=None):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   def extract(spec, split, max_examples):
-    source = _Head(get_source(config, spec, split, workdir), max_examples)
+    source = sources.Head(get_source(config, spec, split, workdir), max_examples)
     ds = pipeline.eval_dataset(source, global_batch_size=batch_size, image_size=config.image_size, mesh=mesh,
                                read_threads=config.data.read_threads)
     parts = []
@@ -620,7 +608,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = make_train_step(config, graphdef, shardings, mesh, loss_fn)
 
   mngr = checkpoint_manager(workdir, config)
-  it = train_iterator(config, train_source, mesh)
+  # A data-fraction run trains on a fixed head of the source (the same images whatever the seed or method).
+  n_train = max(1, round(config.data.train_fraction * len(train_source)))
+  it = train_iterator(config, train_source if n_train == len(train_source) else sources.Head(train_source, n_train), mesh)
   start = mngr.latest_step()
   if start is not None:
     state, data_state, saved_config = restore_checkpoint(mngr, start, target)

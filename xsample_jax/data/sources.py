@@ -309,6 +309,26 @@ def _split_dir(directory: str, split: str) -> str:
   return str(sub) if sub.is_dir() else directory
 
 
+class Head:
+  """The first n elements of a source: a data-fraction run's fixed training subset, an evaluation's budget."""
+
+  def __init__(self, source, n: int):
+    if n < 1:
+      raise ValueError(f"a head of a source needs n >= 1, got {n}")
+    self.source, self.n = source, min(len(source), int(n))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < self.n:
+      raise IndexError(f"index {index} out of range for the first {self.n} elements of {self.source!r}")
+    return self.source[index]
+
+  def __repr__(self) -> str:
+    return f"Head({self.source!r}, n={self.n})"
+
+
 def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None, **kwargs):
   """A source from a config string: "procedural", "tfds:NAME" (e.g. tfds:cifar10), "shards:DIR" or "folder:DIR".
 
