@@ -4,7 +4,6 @@ Not the trainer (that has its own issue): the smallest honest version of its ste
 the models' global BatchNorm and the losses' axis semantics agree.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

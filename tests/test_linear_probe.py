@@ -87,6 +87,19 @@ def test_separable_blobs_are_learned():
   assert out["l2"] in linear_probe.L2_GRID
 
 
+def test_a_linearly_separable_set_is_solved():
+  # Labels are the argmax of a fixed linear map of the features (a margin keeps it strict): separable by design.
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(16, K))
+  def draw(n):
+    x = rng.normal(size=(4 * n, 16)).astype(np.float32)
+    s = np.sort(x @ w, axis=1)
+    keep = (s[:, -1] - s[:, -2]) > 0.5
+    return x[keep][:n], np.argmax(x[keep][:n] @ w, axis=1)
+  (x, y), (tx, ty) = draw(N), draw(2000)
+  assert linear_probe.run(x, y, tx, ty, K)["top1"] >= 0.99
+
+
 def test_random_labels_give_chance_on_the_test_set():
   rng = np.random.default_rng(3)
   x, y = rng.normal(size=(N, D)).astype(np.float32), rng.integers(0, K, N)

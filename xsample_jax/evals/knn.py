@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from xsample_jax.evals.linear_probe import _check_xy, _put
 from xsample_jax.sharding import DATA

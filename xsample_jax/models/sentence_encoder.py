@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from safetensors.numpy import load_file
 
 from xsample_jax import sharding
