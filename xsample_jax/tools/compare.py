@@ -96,9 +96,9 @@ def table(results: dict[str, dict], command: str) -> str:
       if not len(vals):
         cells.append("—")
         continue
-      scale = 1.0 if key.endswith("spearman") else 100.0
-      spread = f" ± {scale * vals.std(ddof=1):.1f}" if len(vals) > 1 else ""
-      cells.append(f"{scale * vals.mean():.{2 if scale == 1 else 1}f}{spread}")
+      scale, digits = (1.0, 2) if key.endswith("spearman") else (100.0, 1)  # a correlation, else a percentage
+      spread = f" ± {scale * vals.std(ddof=1):.{digits}f}" if len(vals) > 1 else ""
+      cells.append(f"{scale * vals.mean():.{digits}f}{spread}")
     data = "—" if fraction is None else f"{fraction:.0%}"
     lines.append(f"| {method} | {data} | " + " | ".join(cells) + " |")
   seeds = max(len(v) for v in groups.values())
