@@ -92,9 +92,9 @@ def test_a_linearly_separable_set_is_solved():
   rng = np.random.default_rng(3)
   w = rng.normal(size=(16, K))
   def draw(n):
-    x = rng.normal(size=(4 * n, 16)).astype(np.float32)
+    x = rng.normal(size=(40 * n, 16)).astype(np.float32)
     s = np.sort(x @ w, axis=1)
-    keep = (s[:, -1] - s[:, -2]) > 0.5
+    keep = (s[:, -1] - s[:, -2]) > 2.0
     return x[keep][:n], np.argmax(x[keep][:n] @ w, axis=1)
   (x, y), (tx, ty) = draw(N), draw(2000)
   assert linear_probe.run(x, y, tx, ty, K)["top1"] >= 0.99
