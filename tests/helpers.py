@@ -34,3 +34,19 @@ def tiny_config(loss="xclr", **changes) -> ml_collections.ConfigDict:
       node = node[p]
     node[last] = value
   return c
+
+
+def objectnet_folder(root, images: dict, folder_map: dict, mapping: dict):
+  """An ObjectNet-like release: root/images/<folder>/<i>.png (images[folder] random PNGs each) and
+  root/mappings/{folder_to_objectnet_label,objectnet_to_imagenet_1k}.json. Returns root."""
+  import json
+  import cv2
+  for f, n in images.items():
+    (root / "images" / f).mkdir(parents=True)
+    for i in range(n):
+      img = np.random.default_rng(zlib.crc32(f"{f}{i}".encode())).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+      (root / "images" / f / f"{i}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+  (root / "mappings").mkdir()
+  (root / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps(folder_map))
+  (root / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps(mapping))
+  return root

@@ -8,11 +8,24 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from tests.helpers import tiny_config
+from tests.helpers import bow_embed, objectnet_folder, tiny_config
 from xsample_jax import evals, train
+from xsample_jax.data import procedural, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(train_examples=128, eval_examples=64)
+
+
+def tiny_objectnet(root, workdir, config) -> dict:
+  """objectnet settings for an ObjectNet-like release whose "ImageNet" is the procedural shapes (the run's training
+  labels); its folders' caption table is cached where the run looks, so no sentence encoder loads."""
+  objectnet_folder(root, {"box": 2, "other": 1, "round_thing": 3},
+                   {"box": "Box", "other": "Other", "round_thing": "Round thing"},
+                   {"Box": "square", "Round thing": "circle; ring"})
+  (root / "shapes.txt").write_text("\n".join(procedural.SHAPES))
+  sources.folder_source(str(root / "images"), embed_fn=bow_embed, template=config.data.template,
+                        cache_dir=str(workdir / "caption_emb"))
+  return {"folder": str(root), "imagenet_class_index": str(root / "shapes.txt")}
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +36,7 @@ def tiny_run(tmp_path_factory):
   for name in evals.REGISTRY:
     config.evals[name] = ml_collections.ConfigDict(SMALL)
   config.evals.fewshot.shots = (1, 5)
+  config.evals.objectnet.update(tiny_objectnet(tmp_path_factory.mktemp("objectnet"), workdir, config))
   return workdir, train.train_and_evaluate(config, str(workdir))
 
 
@@ -31,8 +45,10 @@ def test_every_evaluator_reports_at_the_end_of_training(tiny_run):
   names = {k.split("/")[1] for k in out if k.startswith("eval/")}
   assert names == set(evals.REGISTRY)
   for key in ("eval/linear_probe/top1", "eval/fewshot/5shot", "eval/knn/top1", "eval/background/bg_gap", "eval/background/mixed_rand/top1",
-              "eval/attributes/attribute_top1", "eval/graph_alignment/spearman", "eval/graph_alignment/kl"):
+              "eval/attributes/attribute_top1", "eval/graph_alignment/spearman", "eval/graph_alignment/kl",
+              "eval/objectnet/top1", "eval/objectnet/top1_subset"):
     assert key in out, sorted(out)
+  assert out["eval/objectnet/images"] == 5  # box and round_thing; "other" is outside the mapping
   last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 4 and last["eval/linear_probe/top1"] == out["eval/linear_probe/top1"]
 

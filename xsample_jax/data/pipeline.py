@@ -10,7 +10,8 @@ Training batch (`train_dataset`), for a global batch of B images over P processe
   "id":       int32 [2b]           the example's index in its source (caption shards: the id make_shards gave it);
                                    both views share it, so `id[r] == id[s]` marks positive pairs for SimCLR-style
                                    instance graphs.
-  + every other int field of the source, int32 [2b] (procedural: "attribute", "background", "caption_id").
+  + every other int field of the source, int32 [2b] (procedural: "attribute", "background", "caption_id"), or
+    int32 [2b, R] for a fixed-width set field (imagenet2012_real's "real_label", padded with -1).
   With `tokenize_fn` (caption str -> (ids, mask), int arrays of one fixed length L), also, repeated for both views:
   "tokens":     int32 [2b, L]        the caption's token ids, for a trainable text tower (CLIP/SigLIP-style losses).
   "token_mask": int32 [2b, L]        1 on real tokens, 0 on padding.
@@ -20,7 +21,7 @@ With `mesh`, every leaf is a global jax.Array of leading size 2B sharded over th
 
 Evaluation batch (`eval_dataset`): one centre-cropped view per image, [b, S, S, 3] and [b] fields (and [b, L]
 tokens), plus "valid": bool [b]; the last batch is padded (valid False; int fields -1, tokens and mask 0) so every
-process yields the same number of batches.
+process yields the same number of batches; set fields [b, R] pad with -1 too.
 
 `tokenize_fn` runs in grain's worker processes, so it must pickle: a module-level function or a functools.partial
 of one (e.g. partial(my_tokenize, vocab_path=..., length=L)) works, a lambda or closure does not. This package never
@@ -73,7 +74,8 @@ def _as_rgb(image) -> np.ndarray:
 
 
 def _labels(ex: dict) -> dict:
-  return {k: np.int32(v) for k, v in ex.items() if k not in _DROP}
+  """The int fields: scalars, or fixed-width 1-D sets (one shape per field across the source)."""
+  return {k: np.asarray(v, np.int32) for k, v in ex.items() if k not in _DROP}
 
 
 def _tokens(caption: str, tokenize_fn: TokenizeFn | None) -> dict:
@@ -126,7 +128,7 @@ def _eval_example(index: int, *, source, size: int, crop_fraction: float, embed_
 def _filler(pad_to: dict) -> dict:
   """An invalid row (padding, or a masked bad record in evaluation)."""
   row = {"image": np.zeros(pad_to["image"], np.uint8), "caption_emb": np.zeros(pad_to["embed_dim"], np.float32)}
-  row.update({k: np.int32(-1) for k in pad_to["fields"]})
+  row.update({k: np.full(shape, -1, np.int32) for k, shape in pad_to["fields"].items()})
   if pad_to["token_len"] is not None:
     row.update(tokens=np.zeros(pad_to["token_len"], np.int32), token_mask=np.zeros(pad_to["token_len"], np.int32))
   row["valid"] = np.bool_(False)
@@ -284,9 +286,9 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, process_ind
   ds = ds.map(functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
                                 embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn))
   it = _to_iter(ds, num_workers, read_threads, local)
-  # Invalid rows carry the same fields as real ones (int fields -1, tokens 0), so every batch has one structure;
-  # the token length L is fixed, so the empty caption's tokenisation tells it.
-  fields = tuple(_labels(source[0])) if len(source) else ("label", "id")
+  # Invalid rows carry the same fields, of the same shapes, as real ones (int fields -1, tokens 0), so every batch
+  # has one structure; the token length L is fixed, so the empty caption's tokenisation tells it.
+  fields = {k: v.shape for k, v in _labels(source[0]).items()} if len(source) else {"label": (), "id": ()}
   token_len = None if tokenize_fn is None else len(_tokens("", tokenize_fn)["tokens"])
   pad_to = {"image": (1, image_size, image_size, 3), "embed_dim": embed_dim, "fields": fields,
             "token_len": token_len}

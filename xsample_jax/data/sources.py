@@ -4,12 +4,15 @@ Every source is a grain `RandomAccessDataSource` (len + getitem, picklable for g
 element is a dict:
   "image": uint8 [H, W, 3] or encoded bytes   "caption_emb": float32 [E] frozen caption embedding
   "caption": str   "key": str (names the record in logs and errors)   "id": int   "label": int (-1: none)
-  + any further int fields (procedural: "attribute", "background", "caption_id")
+  + any further int fields (procedural: "attribute", "background", "caption_id"), scalars or fixed-width int32
+  sets padded with -1 (imagenet2012_real: "real_label" [SET_WIDTH], the image's ReaL labels)
 The pipeline (pipeline.py) decodes, validates, augments and batches these.
 
 Label sources (`LabelSource`) caption every image with its class name in a template ("a photo of a {}") and look
 its embedding up in a K x E table embedded once per class list (`caption_table`, cached on disk):
-  tfds:NAME    `tfds.data_source` classification splits (ArrayRecord, no TensorFlow)
+  tfds:NAME    `tfds.data_source` classification splits (ArrayRecord, no TensorFlow); the label is the feature
+               "label", else the dataset's one scalar ClassLabel (imagenet2012_real: "original_label"), and every
+               Sequence(ClassLabel) feature rides along as a set (imagenet2012_real: "real_label")
   folder:DIR   ImageFolder layout: DIR/<class>/<image>, one sub-directory per class (sorted names give the label
                order); every .jpg/.jpeg/.png/.webp/.bmp file is an element holding its still-encoded bytes, keyed
                "<class>/<file>"; "golden_retriever" is captioned "a photo of a golden retriever". DIR may be local
@@ -35,6 +38,9 @@ from xsample_jax.data import procedural, shards
 EmbedFn = Callable[[list], np.ndarray]
 EMBED_DIM = 384  # all-MiniLM-L6-v2
 DEFAULT_TEMPLATE = "a photo of a {}"
+
+# Width of a set field (a TFDS Sequence(ClassLabel), e.g. ReaL's real_label): ReaL has at most a handful per image.
+SET_WIDTH = 16
 
 PROCEDURAL_CAPTIONS = "procedural_captions.txt"
 PROCEDURAL_TABLE = "procedural_caption_emb.npy"
@@ -75,7 +81,8 @@ def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: 
 class LabelSource:
   """Labelled images; each image's caption is its class name in a template, embedded once per class.
 
-  items: any picklable indexable whose items[i] is (image, label): uint8 [H, W, 3] or encoded bytes, int in [0, K).
+  items: any picklable indexable whose items[i] is (image, label) or (image, label, fields): image uint8 [H, W, 3]
+    or encoded bytes, label an int in [0, K), fields a dict of further int fields added to the element.
   keys: each element's name in logs and errors (default "NAME/i").
   """
 
@@ -93,11 +100,11 @@ class LabelSource:
     return len(self._items)
 
   def __getitem__(self, index: int) -> dict:
-    image, label = self._items[index]
+    image, label, *fields = self._items[index]
     label = int(label)
     key = self._keys[index] if self._keys is not None else f"{self.name}/{index}"
-    return {"image": image, "caption_emb": self.table[label], "caption": self.captions[label], "label": label,
-            "id": int(index), "key": key}
+    return {**(fields[0] if fields else {}), "image": image, "caption_emb": self.table[label],
+            "caption": self.captions[label], "label": label, "id": int(index), "key": key}
 
   def __repr__(self) -> str:
     return f"LabelSource({self.name!r}, n={len(self)}, classes={len(self.class_names)})"
@@ -112,17 +119,32 @@ def label_source(items, class_names: Sequence[str], name: str, *, embed_fn: Embe
 
 
 class _TfdsPairs:
-  """A TFDS data source's dict examples as (image, label) pairs."""
+  """A TFDS data source's dict examples as (image, label) pairs, or (image, label, sets) with set fields: each
+  an int32 [set_width] array of the example's labels padded with -1."""
 
-  def __init__(self, data_source, image_key: str, label_key: str):
+  def __init__(self, data_source, image_key: str, label_key: str, set_keys: Sequence[str] = (),
+               set_width: int = SET_WIDTH):
     self._src, self._image_key, self._label_key = data_source, image_key, label_key
+    self._set_keys, self._set_width = tuple(set_keys), set_width
 
   def __len__(self) -> int:
     return len(self._src)
 
   def __getitem__(self, index: int):
     ex = self._src[index]
-    return ex[self._image_key], ex[self._label_key]
+    if not self._set_keys:
+      return ex[self._image_key], ex[self._label_key]
+    sets = {k: padded_set(ex[k], self._set_width, f"{k} of example {index}") for k in self._set_keys}
+    return ex[self._image_key], ex[self._label_key], sets
+
+
+def padded_set(labels, width: int, what: str = "a label set") -> np.ndarray:
+  """int32 [width]: `labels` (any length <= width, possibly empty) followed by -1s, so every example's set has one
+  shape and batches stack."""
+  labels = np.asarray(labels, np.int32).reshape(-1)
+  if len(labels) > width:
+    raise ValueError(f"{what} has {len(labels)} labels, more than the set width {width}; pass set_width=")
+  return np.concatenate([labels, np.full(width - len(labels), -1, np.int32)])
 
 
 def _readable(name: str) -> str:
@@ -156,11 +178,34 @@ def _class_names(raw: Sequence[str], class_names: Sequence[str] | str | None, wh
   return [_readable(n) for n in names]
 
 
+def _label_key(features, name: str) -> str:
+  """"label" when the dataset has it, else its one scalar ClassLabel (imagenet2012_real's "original_label")."""
+  import tensorflow_datasets as tfds
+  if "label" in features:
+    return "label"
+  scalar = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+  if len(scalar) != 1:
+    raise ValueError(f"{name} has no 'label' feature and {len(scalar)} ClassLabel features ({', '.join(scalar)}); "
+                     "pass label_key=")
+  return scalar[0]
+
+
+def _set_keys(features) -> list[str]:
+  """The dataset's Sequence(ClassLabel) features: a set of labels per example (imagenet2012_real's real_label)."""
+  import tensorflow_datasets as tfds
+  return [k for k, f in features.items()
+          if isinstance(f, tfds.features.Sequence) and isinstance(f.feature, tfds.features.ClassLabel)]
+
+
 def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None,
                       template: str = DEFAULT_TEMPLATE, class_names: Sequence[str] | str | None = None,
-                      cache_dir: str | None = None, image_key: str = "image", label_key: str = "label") -> LabelSource:
+                      cache_dir: str | None = None, image_key: str = "image", label_key: str | None = None,
+                      set_width: int = SET_WIDTH) -> LabelSource:
   """`tfds.data_source(name, split)` (ArrayRecord, no TensorFlow) with class-name caption embeddings.
 
+  label_key: the int label; by default "label", or the dataset's one scalar ClassLabel when it has no "label"
+  (imagenet2012_real: "original_label"). Every Sequence(ClassLabel) feature (imagenet2012_real: "real_label", the
+  ReaL labels, possibly none) becomes an element field int32 [set_width] padded with -1; a longer set raises.
   class_names: readable names (a list, or a text file with one per line) in label order; by default the dataset's
   own label names, and for WordNet ids (imagenet2012's n01440764, ...) the curated ImageNet-1k names ("tench").
   The K x E table is cached in `cache_dir` (default: DATA_DIR/xsample_caption_emb) so `embed_fn` runs once per
@@ -168,12 +213,15 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
   """
   import tensorflow_datasets as tfds  # heavy import; only label datasets need it
   src = tfds.data_source(name, split=split, data_dir=data_dir)
-  names = _class_names(src.dataset_info.features[label_key].names, class_names, f"{name}'s label names")
-  num_classes = src.dataset_info.features[label_key].num_classes
+  features = src.dataset_info.features
+  label_key = label_key or _label_key(features, name)
+  names = _class_names(features[label_key].names, class_names, f"{name}'s label names")
+  num_classes = features[label_key].num_classes
   if len(names) != num_classes:
     raise ValueError(f"{len(names)} class names for {name}'s {num_classes} classes")
-  return label_source(_TfdsPairs(src, image_key, label_key), names, f"{name}/{split}", embed_fn=embed_fn,
-                      template=template, cache_dir=_cache_dir(cache_dir, data_dir))
+  pairs = _TfdsPairs(src, image_key, label_key, _set_keys(features), set_width)
+  return label_source(pairs, names, f"{name}/{split}", embed_fn=embed_fn, template=template,
+                      cache_dir=_cache_dir(cache_dir, data_dir))
 
 
 def _cache_dir(cache_dir: str | None, data_dir: str | None) -> str | None:

@@ -18,10 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from xsample_jax.evals import attributes, background, fewshot, graph_alignment, knn, linear_probe
+from xsample_jax.evals import attributes, background, fewshot, graph_alignment, knn, linear_probe, objectnet
 
 REGISTRY = {"linear_probe": linear_probe, "fewshot": fewshot, "knn": knn, "background": background,
-            "attributes": attributes, "graph_alignment": graph_alignment}
+            "attributes": attributes, "graph_alignment": graph_alignment, "objectnet": objectnet}
 # Rows to fit on and to test on, when an evaluator's settings do not say.
 TRAIN_EXAMPLES = EVAL_EXAMPLES = 10_000
 

@@ -17,6 +17,12 @@ Rows with a label < 0 are padding: they get weight 0 in the fit and are not coun
     probe = linear_probe.fit(train_x, train_y, num_classes=1000, mesh=mesh)    # l2 picked on a held-out 20%
     linear_probe.evaluate(probe, test_x, test_y, mesh=mesh)                     # {"top1": ..., "top5": ...}
     linear_probe.run(train_x, train_y, test_x, test_y, 1000, mesh=mesh)         # the above + {"l2": ...}
+    linear_probe.predict(probe, test_x, mesh=mesh)                              # int32 [N]: each row's class
+    linear_probe.set_top1(pred, sets)        # accuracy against a set of right answers per row (ReaL, ObjectNet)
+
+The evaluator also reports `real_top1` when the test rows carry ImageNet ReaL labels (tfds:imagenet2012_real,
+whose "real_label" field is each image's set of ReaL labels, padded with -1): Beyer et al. 2020, "Are we done with
+ImageNet?": a prediction is right if it is one of the image's ReaL labels, over the images that have any.
 """
 from __future__ import annotations
 
@@ -141,6 +147,37 @@ def evaluate(probe: Probe, test_x, test_y, *, mesh: Mesh | None = None) -> dict:
   return out
 
 
+def predict(probe: Probe, x, *, mesh: Mesh | None = None, classes=None) -> np.ndarray:
+  """int32 [N]: the probe's class for each row of raw features x [N, D] (the first of equal top scores), or the
+  best of `classes` (a sequence of class indices) when given."""
+  x, _ = _check_xy(x, np.zeros(len(x), np.int32), probe.num_classes, "test")
+  if x.shape[1] != probe.mean.shape[0]:
+    raise ValueError(f"features have dim {x.shape[1]} but the probe was fitted on dim {probe.mean.shape[0]}")
+  allowed = np.ones(probe.num_classes, bool)
+  if classes is not None:
+    classes = np.asarray(classes, np.int64).reshape(-1)
+    if not len(classes) or classes.min() < 0 or classes.max() >= probe.num_classes:
+      raise ValueError(f"classes must be a non-empty list of indices in [0, {probe.num_classes}), got {classes!r:.80}")
+    allowed[:] = False
+    allowed[classes] = True
+  xd, yd, _, rep = _put(x, np.zeros(len(x), np.int32), mesh)
+  params, mean, std, allowed = jax.device_put(({"w": probe.w, "b": probe.b}, probe.mean, probe.std, allowed), rep)
+  return np.asarray(_argmax(params, _standardise(xd, yd >= 0, mean, std), allowed, rep))[:len(x)]
+
+
+def set_top1(pred, sets) -> float:
+  """The fraction of rows whose prediction pred [N] is one of the row's right answers sets [N, R] (int, padded
+  with -1), over the rows with at least one; rows with none are left out (ReaL's images without ReaL labels)."""
+  pred, sets = np.asarray(pred), np.asarray(sets)
+  if pred.ndim != 1 or sets.ndim != 2 or len(sets) != len(pred):
+    raise ValueError(f"need predictions [N] and label sets [N, R], got shapes {pred.shape} and {sets.shape}")
+  rows = (sets >= 0).any(axis=1)
+  if not rows.any():
+    raise ValueError(f"none of the {len(sets)} rows has a label in its set: nothing to score")
+  hit = ((sets == pred[:, None]) & (sets >= 0)).any(axis=1)
+  return float(hit[rows].mean())
+
+
 def run(train_x, train_y, test_x, test_y, num_classes: int, **kw) -> dict:
   """fit on the train split, evaluate on the test split: {"top1", "top5" (num_classes > 5), "l2"}."""
   probe = fit(train_x, train_y, num_classes, **kw)
@@ -153,11 +190,16 @@ def run(train_x, train_y, test_x, test_y, num_classes: int, **kw) -> dict:
 
 def evaluator(data, settings) -> dict:
   """The evaluator entry: fit on `data.train(settings)`, score on `data.test(settings)` (see evals/__init__.py);
-  settings.label names the int field to predict (default "label")."""
+  settings.label names the int field to predict (default "label"). Test rows with a "real_label" set field
+  (tfds:imagenet2012_real) also give `real_top1`."""
   label = settings.get("label") or "label"
   tr, te = data.train(settings), data.test(settings)
   k = int(max(tr[label].max(), te[label].max())) + 1
-  return run(tr["features"], tr[label], te["features"], te[label], k, mesh=data.mesh)
+  probe = fit(tr["features"], tr[label], k, mesh=data.mesh)
+  out = {**evaluate(probe, te["features"], te[label], mesh=data.mesh), "l2": probe.l2}
+  if "real_label" in te:
+    out["real_top1"] = set_top1(predict(probe, te["features"], mesh=data.mesh), te["real_label"])
+  return out
 
 
 def _check_xy(x, y, num_classes, split):
@@ -306,6 +348,13 @@ def _lbfgs(params, z, y, wt, l2, steps, tol, rep):
   init = (params, opt.init(params), jnp.float32(jnp.inf), jnp.int32(0))
   params, state, _, _ = jax.lax.while_loop(cond, body, init)
   return params, optax.tree.get(state, "count"), optax.tree.get(state, "value"), grad_rel(state)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _argmax(params, z, allowed, rep):
+  # Replicated, so every process can read all the predictions.
+  pred = jnp.argmax(jnp.where(allowed, _logits(params, z), -jnp.inf), axis=1).astype(jnp.int32)
+  return jax.lax.with_sharding_constraint(pred, rep)
 
 
 @jax.jit
