@@ -49,6 +49,12 @@ class Features:
                     settings.get("train_split") or self.config.data.train_split,
                     settings.get("train_examples", TRAIN_EXAMPLES))
 
+  def classification(self, settings) -> tuple[dict, dict, str, int]:
+    """(fitting rows, testing rows, the label field settings.label (default "label"), number of classes)."""
+    label = settings.get("label") or "label"
+    train, test = self.train(settings), self.test(settings)
+    return train, test, label, num_classes(train[label], test[label])
+
   def test(self, settings) -> dict:
     """The testing rows: settings.eval_data or the run's data.eval, its first settings.eval_examples."""
     return self.get(settings.get("eval_data") or self.config.data.eval,

@@ -66,9 +66,7 @@ class Ridge:
 def evaluator(data, settings) -> dict:
   """The evaluator entry: n-shot classifiers drawn from data.train's rows, scored on data.eval's; settings shots
   ((1, 5, 10, 25)), draws (5), seed (0), l2 (2**10), label ("label")."""
-  label = settings.get("label") or "label"
-  tr, te = data.train(settings), data.test(settings)
-  n = int(max(tr[label].max(), te[label].max())) + 1
+  tr, te, label, n = data.classification(settings)
   return run(tr["features"], tr[label], te["features"], te[label], n, shots=tuple(settings.get("shots", SHOTS)),
              draws=settings.get("draws", 5), seed=settings.get("seed", 0), l2=settings.get("l2", 2.0**10),
              mesh=data.mesh)

@@ -43,9 +43,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def evaluator(data, settings) -> dict:
   """The evaluator entry: neighbours among data.train's rows for data.eval's (see evals/__init__.py); settings
   k (20) and temperature (0.07), label (the int field to predict, "label")."""
-  label = settings.get("label") or "label"
-  tr, te = data.train(settings), data.test(settings)
-  n = int(max(tr[label].max(), te[label].max())) + 1
+  tr, te, label, n = data.classification(settings)
   return run(tr["features"], tr[label], te["features"], te[label], n, k=settings.get("k", 20),
              temperature=settings.get("temperature", 0.07), mesh=data.mesh)
 

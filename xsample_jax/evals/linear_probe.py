@@ -192,9 +192,7 @@ def evaluator(data, settings) -> dict:
   """The evaluator entry: fit on `data.train(settings)`, score on `data.test(settings)` (see evals/__init__.py);
   settings.label names the int field to predict (default "label"). Test rows with a "real_label" set field
   (tfds:imagenet2012_real) also give `real_top1`."""
-  label = settings.get("label") or "label"
-  tr, te = data.train(settings), data.test(settings)
-  k = int(max(tr[label].max(), te[label].max())) + 1
+  tr, te, label, k = data.classification(settings)
   probe = fit(tr["features"], tr[label], k, mesh=data.mesh)
   out = {**evaluate(probe, te["features"], te[label], mesh=data.mesh), "l2": probe.l2}
   if "real_label" in te:
