@@ -7,7 +7,13 @@ class-name graph ("a photo of a {class}": a 1000 x 1000 similarity table, looked
 Arguments (comma-separated): loss=xclr|simclr|supcon, variant=resnet50|vit_b16|vit_s16 (ViTs switch to AdamW),
 epochs=100, batch=1024, runlocal (a few CPU steps: checks the config end to end, e.g. on TFDS mock data).
 The linear probe at the end is fitted on 260k training images (a fifth of the train split) and scored on the
-50k validation images. Expect several days on a v4-32 slice at 100 epochs.
+50k validation images. Expect several days on a v4-32 slice at 100 epochs. The paper's other test sets, on any
+saved checkpoint:
+
+  python -m xsample_jax.evaluate --workdir DIR --eval linear_probe \
+      --config.evals.linear_probe.eval_data=tfds:imagenet2012_real      # ReaL labels: real_top1
+  python -m xsample_jax.evaluate --workdir DIR --eval objectnet --config.evals.objectnet.folder=/data/objectnet-1.0
+  python -m xsample_jax.evaluate --workdir DIR --eval background --config.evals.background.folder=/data/bg_challenge
 """
 from configs import common
 
