@@ -58,6 +58,10 @@ def test_unknown_evaluator_is_a_config_error():
   config.evals.nearest = ml_collections.ConfigDict()
   with pytest.raises(train.ConfigError, match="config.evals.nearest: unknown evaluator"):
     train.check_config(config)
+  config = tiny_config()
+  config.evals.knn = ml_collections.ConfigDict(dict(kk=3))
+  with pytest.raises(train.ConfigError, match="config.evals.knn.kk: no such setting; valid: .*k, label"):
+    train.check_config(config)
 
 
 @pytest.mark.slow
@@ -65,13 +69,14 @@ def test_evaluate_cli_on_an_earlier_checkpoint(tiny_run):
   workdir, _ = tiny_run
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "xsample_jax.evaluate", f"--workdir={workdir}", "--step=2", "--eval=linear_probe",
-         "--eval=graph_alignment", "--config.evals.linear_probe.train_examples=96"]
+         "--eval=graph_alignment", "--eval", "knn", "--config.evals.linear_probe.train_examples=96",
+         "--config.evals.knn.temperature=0.1"]  # a setting the run's config never wrote down
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 2" in proc.stdout and "linear_probe top1" in proc.stdout
   printed = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert printed["step"] == 2 and {k.split("/")[1] for k in printed if "/" in k} == {"linear_probe",
-                                                                                      "graph_alignment"}
+  assert printed["step"] == 2
+  assert {k.split("/")[1] for k in printed if "/" in k} == {"linear_probe", "graph_alignment", "knn"}
   logged = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
   assert logged == printed  # appended to the run's metrics at the checkpoint's step
 

@@ -114,4 +114,4 @@ def test_linear_probe_evaluator_reports_real_top1(mesh):
   # Without a real_label field there is no real_top1.
   del rows["real"]["real_label"]
   assert "real_top1" not in linear_probe.evaluator(evals.Features(lambda s, p, n: rows[s], config, mesh),
-                                                    ml_collections.ConfigDict())
+                                                    evals.settings_for("linear_probe"))

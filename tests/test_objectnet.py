@@ -94,14 +94,14 @@ def test_objectnet_needs_its_folder_and_mapping_files(release, tmp_path, mesh):
   config = ml_collections.ConfigDict({"data": {"train": "train", "train_split": "train"}})
   data = evals.Features(_features(root, str(tmp_path / "cache"), {}), config, mesh)
   with pytest.raises(ValueError, match="objectnet needs settings.folder"):
-    objectnet.evaluator(data, ml_collections.ConfigDict())
+    objectnet.evaluator(data, evals.settings_for("objectnet"))
   (root / "mappings" / "objectnet_to_imagenet_1k.json").unlink()
   with pytest.raises(ValueError, match="ObjectNet -> ImageNet-1k class mapping .*objectnet_to_imagenet_1k.json "
                                        "does not exist"):
-    objectnet.evaluator(data, ml_collections.ConfigDict({"folder": str(root), "imagenet_class_index": names}))
+    objectnet.evaluator(data, evals.settings_for("objectnet", {"folder": str(root), "imagenet_class_index": names}))
   # settings.mapping points elsewhere; a 6-class index cannot name the labels of a 7-class training set.
   (tmp_path / "m.json").write_text(json.dumps(MAPPING))
   data = evals.Features(_features(root, str(tmp_path / "cache"), {}, classes=7), config, mesh)
   with pytest.raises(ValueError, match="training labels go up to 6 but the ImageNet class index names 6 classes"):
-    objectnet.evaluator(data, ml_collections.ConfigDict({"folder": str(root), "mapping": str(tmp_path / "m.json"),
-                                                         "imagenet_class_index": names}))
+    settings = {"folder": str(root), "mapping": str(tmp_path / "m.json"), "imagenet_class_index": names}
+    objectnet.evaluator(data, evals.settings_for("objectnet", settings))

@@ -95,6 +95,16 @@ def main():
     config, step = saved_config(workdir, int(step) if step else None)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
+  # Every evaluator to run gets its full settings before the flags are parsed, so any of them can be overridden
+  # (`--config.evals.knn.k=50`, also for an evaluator the run never configured).
+  from xsample_jax import evals
+  wanted = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--eval=")]
+  wanted += [b for a, b in zip(sys.argv, sys.argv[1:]) if a == "--eval"]
+  try:
+    for name in dict.fromkeys([*config.evals, *wanted]):
+      config.evals[name] = evals.settings_for(name, config.evals.get(name))
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   flags.DEFINE_string("workdir", None, "the run's directory (holds checkpoints/)")
   flags.DEFINE_integer("step", None, "the checkpoint to evaluate (default: the latest)")
   flags.DEFINE_multi_string("eval", None, "evaluators to run (default: every one in config.evals)")
@@ -108,13 +118,6 @@ def main():
     cfg = flags.FLAGS.config
     try:
       train.check_config(cfg)
-      for name in flags.FLAGS.eval or []:
-        if name not in cfg.evals:  # an evaluator the run did not configure: its defaults
-          from xsample_jax import evals
-          if name not in evals.REGISTRY:
-            raise train.ConfigError(f"--eval {name}: unknown evaluator; valid: {', '.join(sorted(evals.REGISTRY))}")
-          with cfg.unlocked():
-            cfg.evals[name] = ml_collections.ConfigDict()  # every setting at its default
     except train.ConfigError as e:
       sys.exit(f"error: {e}")
     results = evaluate(cfg, workdir, step, flags.FLAGS.eval)

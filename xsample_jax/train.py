@@ -92,9 +92,13 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
     need(config.loss.graph != "class", "loss.graph",
          "'class' needs a label dataset (tfds: or folder:); caption shards have 'caption' graphs")
     need(config.loss.name != "supcon", "loss.name", "supcon needs labels; caption shards have none")
-  from xsample_jax.evals import REGISTRY
+  from xsample_jax import evals
   for name in config.evals:
-    need(name in REGISTRY, f"evals.{name}", f"unknown evaluator; valid: {', '.join(sorted(REGISTRY))}")
+    need(name in evals.REGISTRY, f"evals.{name}", f"unknown evaluator; valid: {', '.join(sorted(evals.REGISTRY))}")
+    try:
+      evals.settings_for(name, config.evals[name])
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
   need(not (config.init.checkpoint and config.init.backbone), "init",
        "set init.checkpoint or init.backbone, not both")
 

@@ -1,6 +1,8 @@
 """Evaluators of frozen representations, chosen by name in `config.evals.NAME = {...}` (big_vision's style).
 
 Each evaluator is a module in REGISTRY with one entry, `evaluator(data: Features, settings) -> dict[str, float]`,
+and a `SETTINGS` dict of its own settings with their defaults (beyond the COMMON ones below); `settings_for` merges
+them with what a config gives, so every documented setting can be overridden from the command line.
 that asks `data` for the frozen features it needs and computes its metrics with the array-level functions of its
 module (`linear_probe.run`, `knn.run`, ...), which know nothing of models or data pipelines. The trainer runs every
 configured evaluator every `eval_every_steps` and at the end; `python -m xsample_jax.evaluate` runs them on any
@@ -16,14 +18,29 @@ import logging
 import time
 from typing import Callable
 
+import ml_collections
 import numpy as np
 
 from xsample_jax.evals import attributes, background, fewshot, graph_alignment, knn, linear_probe, objectnet
 
 REGISTRY = {"linear_probe": linear_probe, "fewshot": fewshot, "knn": knn, "background": background,
             "attributes": attributes, "graph_alignment": graph_alignment, "objectnet": objectnet}
-# Rows to fit on and to test on, when an evaluator's settings do not say.
-TRAIN_EXAMPLES = EVAL_EXAMPLES = 10_000
+# Settings every evaluator has: its data ("" = the run's data.train / data.eval and their splits), how many rows
+# to fit on and to test on, and the int field to predict.
+COMMON = dict(train_data="", train_split="", eval_data="", eval_split="", train_examples=10_000,
+              eval_examples=10_000, label="label")
+
+
+def settings_for(name: str, given=None) -> ml_collections.ConfigDict:
+  """COMMON, then the evaluator's SETTINGS, then what the config gives; unknown keys are refused by name."""
+  if name not in REGISTRY:
+    raise ValueError(f"unknown evaluator {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+  out = ml_collections.ConfigDict({**COMMON, **REGISTRY[name].SETTINGS})
+  for key, value in (given or {}).items():
+    if key not in out:
+      raise ValueError(f"evals.{name}.{key}: no such setting; valid: {', '.join(sorted(out))}")
+    out[key] = value
+  return out
 
 # (spec, split, max_examples) -> {"features": [n, D], "projections": [n, P], "caption_emb": [n, E], int fields}
 ExtractFn = Callable[[str, str, int], dict]
@@ -45,21 +62,18 @@ class Features:
 
   def train(self, settings) -> dict:
     """The fitting rows: settings.train_data or the run's data.train, its first settings.train_examples."""
-    return self.get(settings.get("train_data") or self.config.data.train,
-                    settings.get("train_split") or self.config.data.train_split,
-                    settings.get("train_examples", TRAIN_EXAMPLES))
+    return self.get(settings.train_data or self.config.data.train,
+                    settings.train_split or self.config.data.train_split, settings.train_examples)
 
   def classification(self, settings) -> tuple[dict, dict, str, int]:
     """(fitting rows, testing rows, the label field settings.label (default "label"), number of classes)."""
-    label = settings.get("label") or "label"
     train, test = self.train(settings), self.test(settings)
-    return train, test, label, num_classes(train[label], test[label])
+    return train, test, settings.label, num_classes(train[settings.label], test[settings.label])
 
   def test(self, settings) -> dict:
     """The testing rows: settings.eval_data or the run's data.eval, its first settings.eval_examples."""
-    return self.get(settings.get("eval_data") or self.config.data.eval,
-                    settings.get("eval_split") or self.config.data.eval_split,
-                    settings.get("eval_examples", EVAL_EXAMPLES))
+    return self.get(settings.eval_data or self.config.data.eval,
+                    settings.eval_split or self.config.data.eval_split, settings.eval_examples)
 
 
 def num_classes(*labels: np.ndarray) -> int:
@@ -70,10 +84,9 @@ def run_all(data: Features, evals, names=None) -> dict[str, float]:
   """Every evaluator in `evals` (a name -> settings mapping), or those in `names`, as eval/NAME/METRIC."""
   out = {}
   for name in names or list(evals):
-    if name not in REGISTRY:
-      raise ValueError(f"unknown evaluator {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    settings = settings_for(name, evals.get(name))
     t0 = time.perf_counter()
-    metrics = REGISTRY[name].evaluator(data, evals[name])
+    metrics = REGISTRY[name].evaluator(data, settings)
     logging.info("eval/%s in %.1f s: %s", name, time.perf_counter() - t0, metrics)
     out.update({f"eval/{name}/{k}": float(v) for k, v in metrics.items()})
   return out

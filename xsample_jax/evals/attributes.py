@@ -25,16 +25,19 @@ def split_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   return np.sort(perm[:n // 2]), np.sort(perm[n // 2:])
 
 
+SETTINGS = dict(folder="", object="label", attribute="attribute", seed=0)
+
+
 def evaluator(data, settings) -> dict:
   """The evaluator entry. By default the rows of data.eval (`data.test(settings)`) with their int fields
   settings.object (default "label") and settings.attribute (default "attribute": the procedural dataset's object
   colour); with `settings.folder` = a MIT-States-style directory of "adjective noun" class folders, the object is
   the noun and the attribute the adjective of each image's folder name."""
-  root = settings.get("folder")
+  root = settings.folder
   if root:
     from xsample_jax.data import sources
     names = [n.replace("_", " ").strip() for n in sources.folder_classes(root)]
-    rows = data.get(f"folder:{root}", "", settings.get("eval_examples", 10_000))
+    rows = data.get(f"folder:{root}", "", settings.eval_examples)
     adjectives, nouns = zip(*(n.split(" ", 1) if " " in n else ("", n) for n in names))
     adj_ids = {a: i for i, a in enumerate(sorted(set(adjectives)))}
     noun_ids = {o: i for i, o in enumerate(sorted(set(nouns)))}
@@ -42,8 +45,8 @@ def evaluator(data, settings) -> dict:
     attribute_y = np.array([adj_ids[adjectives[y]] for y in rows["label"]], np.int32)
   else:
     rows = data.test(settings)
-    object_y, attribute_y = rows[settings.get("object", "label")], rows[settings.get("attribute", "attribute")]
-  return run(rows["features"], object_y, attribute_y, seed=settings.get("seed", 0), mesh=data.mesh)
+    object_y, attribute_y = rows[settings.object], rows[settings.attribute]
+  return run(rows["features"], object_y, attribute_y, seed=settings.seed, mesh=data.mesh)
 
 
 def run(x, object_y, attribute_y, *, seed: int = 0, mesh: Mesh | None = None, **fit_kw) -> dict:

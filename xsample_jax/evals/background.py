@@ -36,20 +36,22 @@ GAPS = {"bg_gap": ("mixed_same", "mixed_rand"), "shift_gap": ("original", "mixed
 IMAGENET9_SPLITS = ("original", "only_fg", "mixed_same", "mixed_rand")
 
 
+SETTINGS = dict(folder="", splits=("original", "mixed_same", "mixed_rand"))
+
+
 def evaluator(data, settings) -> dict:
   """The evaluator entry. By default the probe is fitted on data.train and scored on the `settings.splits` of
   data.eval (the procedural dataset's original / mixed_same / mixed_rand); with `settings.folder` = an ImageNet-9
   release directory, fitted on ROOT/original/train and scored on ROOT/SPLIT/val for its four splits."""
-  n = settings.get("eval_examples", 10_000)
-  root = settings.get("folder")
+  n, root = settings.eval_examples, settings.folder
   if root:
-    train = data.get(f"folder:{root}/original", "train", settings.get("train_examples", 10_000))
+    train = data.get(f"folder:{root}/original", "train", settings.train_examples)
     tests = {s: data.get(f"folder:{root}/{s}", "val", n) for s in IMAGENET9_SPLITS}
   else:
     train = data.train(settings)
-    spec = settings.get("eval_data") or data.config.data.eval
-    tests = {s: data.get(spec, s, n) for s in settings.get("splits", ("original", "mixed_same", "mixed_rand"))}
-  label = settings.get("label") or "label"
+    spec = settings.eval_data or data.config.data.eval
+    tests = {s: data.get(spec, s, n) for s in settings.splits}
+  label = settings.label
   k = int(max([train[label].max()] + [t[label].max() for t in tests.values()])) + 1
   return run(train["features"], train[label], {s: (t["features"], t[label]) for s, t in tests.items()}, k,
              mesh=data.mesh)

@@ -63,12 +63,15 @@ class Ridge:
 # Public entry points.
 
 
+SETTINGS = dict(shots=SHOTS, draws=DRAWS, seed=0, l2=L2)
+
+
 def evaluator(data, settings) -> dict:
   """The evaluator entry: n-shot classifiers drawn from data.train's rows, scored on data.eval's; settings shots
   ((1, 5, 10, 25)), draws (5), seed (0), l2 (2**10), label ("label")."""
   tr, te, label, n = data.classification(settings)
-  return run(tr["features"], tr[label], te["features"], te[label], n, shots=tuple(settings.get("shots", SHOTS)),
-             draws=settings.get("draws", 5), seed=settings.get("seed", 0), l2=settings.get("l2", 2.0**10),
+  return run(tr["features"], tr[label], te["features"], te[label], n, shots=tuple(settings.shots),
+             draws=settings.draws, seed=settings.seed, l2=settings.l2,
              mesh=data.mesh)
 
 

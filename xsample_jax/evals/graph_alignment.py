@@ -62,12 +62,15 @@ def run(z, c, *, batch_size: int = 256, temperature: float = 0.1, target_tempera
   return {"spearman": float(sp_sum / sp_rows) if sp_rows else math.nan, "kl": float(kl_sum / kept)}
 
 
+SETTINGS = dict(batch_size=256)
+
+
 def evaluator(data, settings) -> dict:
   """The evaluator entry: held-out rows of data.eval (`data.test(settings)`), their projections against their
   caption embeddings, at the run's temperatures; settings.batch_size rows per graph (default 256)."""
   rows = data.test(settings)
   loss = data.config.loss
-  return run(rows["projections"], rows["caption_emb"], batch_size=settings.get("batch_size", 256),
+  return run(rows["projections"], rows["caption_emb"], batch_size=settings.batch_size,
              temperature=loss.temperature, target_temperature=loss.target_temperature)
 
 

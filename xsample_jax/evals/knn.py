@@ -40,12 +40,15 @@ BATCH_SIZE = 256
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+SETTINGS = dict(k=20, temperature=0.07)
+
+
 def evaluator(data, settings) -> dict:
   """The evaluator entry: neighbours among data.train's rows for data.eval's (see evals/__init__.py); settings
   k (20) and temperature (0.07), label (the int field to predict, "label")."""
   tr, te, label, n = data.classification(settings)
-  return run(tr["features"], tr[label], te["features"], te[label], n, k=settings.get("k", 20),
-             temperature=settings.get("temperature", 0.07), mesh=data.mesh)
+  return run(tr["features"], tr[label], te["features"], te[label], n, k=settings.k,
+             temperature=settings.temperature, mesh=data.mesh)
 
 
 def run(train_x, train_y, test_x, test_y, num_classes: int, *, k: int = K, temperature: float = TEMPERATURE,

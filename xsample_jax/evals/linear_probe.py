@@ -188,6 +188,9 @@ def run(train_x, train_y, test_x, test_y, num_classes: int, **kw) -> dict:
 # Host side: checks, the holdout split, placement.
 
 
+SETTINGS = {}  # only the common ones (evals.COMMON)
+
+
 def evaluator(data, settings) -> dict:
   """The evaluator entry: fit on `data.train(settings)`, score on `data.test(settings)` (see evals/__init__.py);
   settings.label names the int field to predict (default "label"). Test rows with a "real_label" set field

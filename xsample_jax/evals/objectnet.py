@@ -38,28 +38,32 @@ FOLDER_MAP = "mappings/folder_to_objectnet_label.json"
 ALL = 1 << 30
 
 
+# ObjectNet is scored on every release image by default: the first n in sorted order would be a few folders.
+SETTINGS = dict(folder="", mapping="", folder_map="", imagenet_class_index=None, eval_examples=ALL)
+
+
 def evaluator(data, settings) -> dict:
   """The evaluator entry: fit on data.train (ImageNet-1k), score ROOT/images of `settings.folder` = ROOT.
 
   settings: folder (required); mapping and folder_map (default ROOT/mappings/...); imagenet_class_index (default:
   the standard ImageNet-1k order); eval_examples (default all images); label (the training label field).
   """
-  root = settings.get("folder")
+  root = settings.folder
   if not root:
     raise ValueError("objectnet needs settings.folder: the ObjectNet release directory (ROOT/images/<folder>/*.png, "
                      f"ROOT/{MAPPING}, ROOT/{FOLDER_MAP})")
   root = epath.Path(root)
-  mapping = _read_json(settings.get("mapping") or root / MAPPING, "the ObjectNet -> ImageNet-1k class mapping")
-  folder_map = _read_json(settings.get("folder_map") or root / FOLDER_MAP, "the folder -> ObjectNet class map")
-  names = imagenet_names(settings.get("imagenet_class_index"))
+  mapping = _read_json(settings.mapping or root / MAPPING, "the ObjectNet -> ImageNet-1k class mapping")
+  folder_map = _read_json(settings.folder_map or root / FOLDER_MAP, "the folder -> ObjectNet class map")
+  names = imagenet_names(settings.imagenet_class_index or None)
   folders = sources.folder_classes(str(root / "images"))
   sets = class_sets(folders, folder_map, mapping, names)
-  label = settings.get("label") or "label"
+  label = settings.label
   train = data.train(settings)
   if train[label].max() >= len(names):
     raise ValueError(f"training labels go up to {int(train[label].max())} but the ImageNet class index names "
                      f"{len(names)} classes; objectnet fits on ImageNet-1k (or pass settings.imagenet_class_index)")
-  test = data.get(f"folder:{root / 'images'}", "", settings.get("eval_examples", ALL))
+  test = data.get(f"folder:{root / 'images'}", "", settings.eval_examples)
   return run(train["features"], train[label], test["features"], sets[test["label"]], len(names), mesh=data.mesh)
 
 
