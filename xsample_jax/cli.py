@@ -18,6 +18,17 @@ def parse_flags(argv):
     sys.exit(f"error: bad --config override: {str(e).strip(chr(39))}")
 
 
+def run_checked(fn, *args):
+  """fn(*args) with quiet logs; a ConfigError (raised before anything is compiled or written) ends the program
+  with its message instead of a trace."""
+  from xsample_jax import train  # after flag parsing: a --help never pays for importing jax
+  quiet_logs()
+  try:
+    return fn(*args)
+  except train.ConfigError as e:
+    sys.exit(f"error: {e}")
+
+
 def quiet_logs():
   """INFO logs, without orbax's narration of every save and restore (its warnings stay)."""
   absl_logging.set_verbosity(absl_logging.INFO)

@@ -39,13 +39,13 @@ def saved_config(workdir: str, step: int | None = None) -> tuple[ml_collections.
 
 def restore(config, workdir: str, step: int):
   """(graphdef, state, mesh): the checkpoint's train state on the mesh of `config`."""
+  import orbax.checkpoint as ocp
   from etils import epath
 
   from xsample_jax import train
   mesh = train.make_mesh(config)
   graphdef, target, _ = train.abstract_state(config, mesh)
   mngr = train.checkpoint_manager(epath.Path(workdir).resolve(), config)
-  import orbax.checkpoint as ocp
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   return graphdef, state, mesh
 
@@ -56,9 +56,10 @@ def evaluate(config, workdir: str, step: int, names=None) -> dict[str, float]:
 
   from xsample_jax import train
   train.check_config(config)
+  workdir = epath.Path(workdir).resolve()
   graphdef, state, mesh = restore(config, workdir, step)
-  results = train.run_evals(config, graphdef, state, mesh, epath.Path(workdir).resolve(), names)
-  writer = train.MetricWriter(epath.Path(workdir).resolve(), None)
+  results = train.run_evals(config, graphdef, state, mesh, workdir, names)
+  writer = train.MetricWriter(workdir, None)
   writer.write(step, results)
   writer.close()
   return results
@@ -72,14 +73,10 @@ def table(results: dict[str, float], step: int) -> str:
   return "\n".join(lines)
 
 
-def _flag(argv, name):
-  """The value of --name=V or --name V in argv (read before absl parses, to load the saved config)."""
-  for i, a in enumerate(argv):
-    if a.startswith(f"--{name}="):
-      return a.split("=", 1)[1]
-    if a == f"--{name}" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+def _flag_values(argv, name) -> list[str]:
+  """Every value of --name=V and --name V in argv (read before absl parses, to load the saved config)."""
+  out = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+  return out + [v for a, v in zip(argv, argv[1:]) if a == f"--{name}"]
 
 
 def main():
@@ -88,7 +85,7 @@ def main():
 
   from xsample_jax import cli
 
-  workdir, step = _flag(sys.argv, "workdir"), _flag(sys.argv, "step")
+  workdir, step = (next(iter(_flag_values(sys.argv, f)), None) for f in ("workdir", "step"))
   if not workdir:
     sys.exit("error: --workdir DIR is required (a training run's directory)")
   try:
@@ -98,10 +95,8 @@ def main():
   # Every evaluator to run gets its full settings before the flags are parsed, so any of them can be overridden
   # (`--config.evals.knn.k=50`, also for an evaluator the run never configured).
   from xsample_jax import evals
-  wanted = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--eval=")]
-  wanted += [b for a, b in zip(sys.argv, sys.argv[1:]) if a == "--eval"]
   try:
-    for name in dict.fromkeys([*config.evals, *wanted]):
+    for name in dict.fromkeys([*config.evals, *_flag_values(sys.argv, "eval")]):
       config.evals[name] = evals.settings_for(name, config.evals.get(name))
   except ValueError as e:
     sys.exit(f"error: {e}")
@@ -113,14 +108,7 @@ def main():
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from xsample_jax import train
-    cli.quiet_logs()
-    cfg = flags.FLAGS.config
-    try:
-      train.check_config(cfg)
-    except train.ConfigError as e:
-      sys.exit(f"error: {e}")
-    results = evaluate(cfg, workdir, step, flags.FLAGS.eval)
+    results = cli.run_checked(evaluate, flags.FLAGS.config, workdir, step, flags.FLAGS.eval)
     print(table(results, step))
     print(json.dumps({"step": step, **results}))
 

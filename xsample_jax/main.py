@@ -7,7 +7,6 @@ colon (`configs/imagenet.py:loss=simclr,runlocal`). Exit status 0 also after a S
 """
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,14 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from xsample_jax import train  # after flag parsing: a --help never pays for importing jax
-  cli.quiet_logs()
-  config = flags.FLAGS.config
-  try:
-    train.check_config(config)
-  except train.ConfigError as e:
-    sys.exit(f"error: {e}")
-  out = train.train_and_evaluate(config, flags.FLAGS.workdir)
+  from xsample_jax import train
+  out = cli.run_checked(train.train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
   if out.get("preempted"):
     print(f"preempted at step {out['step']}: checkpoint saved in {flags.FLAGS.workdir}; rerun to resume")
     return

@@ -41,7 +41,6 @@ TEXT_LOSSES = ("clip", "siglip", "xclr_cross_modal")  # need a text tower fed wi
 OPTIMIZERS = ("lars", "adamw", "sgd")
 GRAPHS = ("auto", "caption", "class")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SOURCE_KINDS = ("procedural", "tfds", "shards", "folder")
 
 
 class ConfigError(ValueError):
@@ -84,20 +83,19 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
        f"must be in [0, total_steps={config.total_steps}), got {config.optimizer.warmup_steps}")
   need(config.partitioning in models.RULES, "partitioning", f"must be one of {sorted(models.RULES)}")
   for key in ("train", "eval"):
-    spec = config.data[key]
-    kind, _, arg = spec.partition(":")
-    need(kind in SOURCE_KINDS and (bool(arg) != (kind == "procedural")), f"data.{key}",
-         f"unknown data source {spec!r}: use 'procedural', 'tfds:NAME', 'shards:DIR' or 'folder:DIR'")
+    try:
+      sources.parse_spec(config.data[key])
+    except ValueError as e:
+      raise ConfigError(f"config.data.{key}: {e}") from None
   if config.data.train.startswith("shards:"):
     need(config.loss.graph != "class", "loss.graph",
          "'class' needs a label dataset (tfds: or folder:); caption shards have 'caption' graphs")
     need(config.loss.name != "supcon", "loss.name", "supcon needs labels; caption shards have none")
   from xsample_jax import evals
   for name in config.evals:
-    need(name in evals.REGISTRY, f"evals.{name}", f"unknown evaluator; valid: {', '.join(sorted(evals.REGISTRY))}")
     try:
       evals.settings_for(name, config.evals[name])
-    except ValueError as e:
+    except ValueError as e:  # its message starts with evals.NAME
       raise ConfigError(f"config.{e}") from None
   need(not (config.init.checkpoint and config.init.backbone), "init",
        "set init.checkpoint or init.backbone, not both")
@@ -141,7 +139,7 @@ def _embed_fn(texts):
 def get_source(config, spec: str, split: str, workdir: epath.Path | None = None):
   """A data source string (data.train, data.eval, an evaluator's) as a random-access source; class-name caption
   embeddings are computed once (by the frozen sentence encoder) and cached."""
-  kind = spec.partition(":")[0]
+  kind, _ = sources.parse_spec(spec)
   if kind == "procedural":  # the training split gets data.procedural_examples, the others a tenth (>= 1000)
     train = split == "train"
     num = config.data.procedural_examples if train else max(config.data.procedural_examples // 10, 1000)
@@ -294,63 +292,49 @@ def class_similarity(source) -> np.ndarray:
 
 
 def make_loss_fn(config, mesh, table: jax.Array | None):
-  """(model, batch) -> (loss, aux metrics). The loss runs in shard_map over 'data' on the global batch."""
-  name, lc = config.loss.name, config.loss
+  """(model, batch) -> (loss, aux metrics). The towers run under jit on the sharded batch; the objective runs in
+  shard_map over 'data' on this device's rows, and the losses gather the global batch."""
+  lc = config.loss
   kw = dict(axis_name=sharding.DATA, impl=lc.impl)
-  rows = P(sharding.DATA)
+  text = lc.name in TEXT_LOSSES
+  # The per-row graph input: a class table is looked up by label, else caption embeddings; ids / labels for the
+  # baselines' hard graphs.
+  graph_field = {"simclr": "id", "supcon": "label"}.get(lc.name, "label" if table is not None else "caption_emb")
 
-  def section(fn, *specs):
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P())
+  def objective(rows, shared):
+    """rows: this device's [n, ...] inputs; shared: the replicated logit scale, bias and class table."""
+    z, y = rows["z"], rows.get("graph")
+    if lc.name == "xclr":
+      return losses.xsample_loss(z, y, temperature=lc.temperature, target_temperature=lc.target_temperature,
+                                 mask_self=lc.mask_self, class_similarity=shared.get("table"), **kw)
+    if lc.name in ("simclr", "supcon"):
+      fn = losses.simclr_loss if lc.name == "simclr" else losses.supcon_loss
+      return fn(z, y, temperature=lc.temperature, **kw)
+    if lc.name == "clip":
+      return losses.clip_loss(z, rows["text"], shared["log_scale"], **kw)
+    if lc.name == "siglip":
+      return losses.siglip_loss(z, rows["text"], shared["log_scale"], shared["bias"], axis_name=sharding.DATA)
+    return losses.xsample_cross_modal_loss(z, rows["text"], y, temperature=lc.temperature,
+                                           target_temperature=lc.target_temperature, **kw)
 
-  if name == "xclr":
-    if table is not None:
-      xclr = section(lambda z, y, t: losses.xsample_loss(z, y, temperature=lc.temperature,
-                                                         target_temperature=lc.target_temperature,
-                                                         mask_self=lc.mask_self, class_similarity=t, **kw),
-                     rows, rows, P())
-      graph = lambda b: (b["label"], table)
-    else:
-      xclr = section(lambda z, c: losses.xsample_loss(z, c, temperature=lc.temperature,
-                                                      target_temperature=lc.target_temperature,
-                                                      mask_self=lc.mask_self, **kw), rows, rows)
-      graph = lambda b: (b["caption_emb"],)
-  elif name in ("simclr", "supcon"):
-    fn = losses.simclr_loss if name == "simclr" else losses.supcon_loss
-    positives = section(lambda z, y: fn(z, y, temperature=lc.temperature, **kw), rows, rows)
-    field = "id" if name == "simclr" else "label"
-  elif name == "clip":
-    clip = section(lambda u, v, s: losses.clip_loss(u, v, s, **kw), rows, rows, P())
-  elif name == "siglip":
-    siglip = section(lambda u, v, s, b: losses.siglip_loss(u, v, s, b, axis_name=sharding.DATA),
-                     rows, rows, P(), P())
-  else:
-    cross = section(lambda u, v, c: losses.xsample_cross_modal_loss(
-        u, v, c, temperature=lc.temperature, target_temperature=lc.target_temperature, **kw), rows, rows, rows)
+  objective = jax.shard_map(objective, mesh=mesh, in_specs=(P(sharding.DATA), P()), out_specs=P())
 
   def loss_fn(model: Model, batch):
-    images = batch["image"]
-    if name in TEXT_LOSSES:  # one view per image: the two views of an image share one caption
-      images = images[::2]
-    _, z = model.image(augment.normalize(images).astype(DTYPES[config.model.dtype]))
-    aux = {}
-    if name == "xclr":
-      loss = xclr(z, *graph(batch))
-      aux["temperature"] = jnp.float32(lc.temperature)
-    elif name in ("simclr", "supcon"):
-      loss = positives(z, batch[field])
-      aux["temperature"] = jnp.float32(lc.temperature)
-    else:
-      v = model.text(batch["tokens"][::2], batch["token_mask"][::2])
-      if name == "clip":
-        loss = clip(z, v, model.log_scale[...])
-      elif name == "siglip":
-        loss = siglip(z, v, model.log_scale[...], model.bias[...])
-        aux["bias"] = model.bias[...]
-      else:
-        loss = cross(z, v, batch["caption_emb"][::2])
-      aux["temperature"] = (1.0 / jnp.exp(model.log_scale[...]) if model.log_scale is not None
-                            else jnp.float32(lc.temperature))
-    return loss, aux
+    views = slice(None, None, 2) if text else slice(None)  # image-text: one view per image (both share a caption)
+    _, z = model.image(augment.normalize(batch["image"][views]).astype(DTYPES[config.model.dtype]))
+    rows, shared, aux = {"z": z}, {}, {"temperature": jnp.float32(lc.temperature)}
+    if lc.name not in ("clip", "siglip"):
+      rows["graph"] = batch[graph_field][views]
+    if text:
+      rows["text"] = model.text(batch["tokens"][views], batch["token_mask"][views])
+    if table is not None:
+      shared["table"] = table
+    if model.log_scale is not None:
+      shared["log_scale"] = model.log_scale[...]
+      aux["temperature"] = 1.0 / jnp.exp(shared["log_scale"])
+    if model.bias is not None:
+      shared["bias"] = aux["bias"] = model.bias[...]
+    return objective(rows, shared), aux
 
   return loss_fn
 
@@ -425,27 +409,29 @@ def model_from_checkpoint(path: str, target_model_state):
   return restored["state"]["model"]
 
 
+def _tower_variables(tower: nnx.Module) -> dict[str, nnx.Variable]:
+  """The tower's parameters and statistics by '/'-joined path: the names of a backbone file."""
+  return {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(tower))}
+
+
 def save_backbone(path: str, model: Model) -> None:
-  """Writes the image tower's parameters and statistics as an .npz of '/'-joined names (for init.backbone)."""
-  flat = {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model.image.tower))}
+  """Writes the image tower's parameters and statistics as an .npz (for init.backbone)."""
   with epath.Path(path).open("wb") as f:
-    np.savez(f, **flat)
+    np.savez(f, **{k: np.asarray(v) for k, v in _tower_variables(model.image.tower).items()})
 
 
 def load_backbone(path: str, tower: nnx.Module) -> None:
   """Loads `save_backbone`'s file into `tower` in place; every array must be there with its shape."""
   with epath.Path(path).open("rb") as f:
     arrays = dict(np.load(f))
-  state = nnx.state(tower)
-  flat = dict(nnx.to_flat_state(state))
-  missing = sorted("/".join(map(str, k)) for k in flat if "/".join(map(str, k)) not in arrays)
+  variables = _tower_variables(tower)
+  missing = sorted(set(variables) - set(arrays))
   if missing:
     raise ValueError(f"config.init.backbone: {path} lacks {len(missing)} tower arrays, e.g. {missing[:3]}")
-  for k, v in flat.items():
-    a = arrays["/".join(map(str, k))]
-    if a.shape != v.shape:
-      raise ValueError(f"config.init.backbone: {'/'.join(map(str, k))} has shape {a.shape}, the tower {v.shape}")
-    v[...] = jnp.asarray(a, v.dtype)
+  for name, v in variables.items():
+    if arrays[name].shape != v.shape:
+      raise ValueError(f"config.init.backbone: {name} has shape {arrays[name].shape}, the tower {v.shape}")
+    v[...] = jnp.asarray(arrays[name], v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,8 +480,10 @@ class MetricWriter:
 # Evaluation: the frozen features the evaluators (xsample_jax/evals, chosen by name in config.evals) ask for.
 
 
+@functools.lru_cache(maxsize=4)
 def embed_fn(graphdef, mesh):
-  """(state, images uint8) -> (backbone features, projections), BatchNorm on its running averages."""
+  """(state, images uint8) -> (backbone features, projections), BatchNorm on its running averages. Cached, so
+  every evaluation round of a run reuses one compiled function."""
   def embed(state, images):
     encoder = nnx.view(nnx.merge(graphdef, state).model.image, use_running_average=True)
     h, z = encoder(augment.normalize(images))
@@ -627,7 +615,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = 0
     state = init_state(config, shardings)
     state = warm_start(config, graphdef, state, target, shardings)
-    data_state = it.get_state()
 
   writer = MetricWriter(workdir, start)
   preemption = _Preemption()
@@ -643,17 +630,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
       state, metrics = train_step(state, batch)  # dispatched asynchronously
     step += 1
-    data_state = it.get_state()  # the stream after the batches consumed so far
     pending.append((step, metrics))
-    if step < config.total_steps:  # the host fetches the next batch while the device runs this step
-      batch = _next_batch(it, clock)
     stop, end = preemption.requested, step == config.total_steps
+    save = stop or end or step % config.checkpoint_every_steps == 0
+    data_state = it.get_state() if save else None  # the stream after the batches consumed so far
+    if not (stop or end):  # the host fetches the next batch while the device runs this step
+      batch = _next_batch(it, clock)
     if stop or end or step % config.log_every_steps == 0:
       last = log_metrics(writer, bar, pending, config.batch_size, clock, it.metrics())
       pending = []
     if bar is not None:
       bar.update(1)
-    if stop or end or step % config.checkpoint_every_steps == 0:
+    if save:
       save_checkpoint(mngr, step, state, data_state, config)
     if stop:
       stopped = True

@@ -377,6 +377,17 @@ class Head:
     return f"Head({self.source!r}, n={self.n})"
 
 
+KINDS = ("procedural", "tfds", "shards", "folder")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+  """(kind, argument) of a source string; ValueError for anything `get_source` cannot read."""
+  kind, _, arg = spec.partition(":")
+  if kind not in KINDS or bool(arg) == (kind == "procedural"):
+    raise ValueError(f"unknown data source {spec!r}: use 'procedural', 'tfds:NAME', 'shards:DIR' or 'folder:DIR'")
+  return kind, arg
+
+
 def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None, **kwargs):
   """A source from a config string: "procedural", "tfds:NAME" (e.g. tfds:cifar10), "shards:DIR" or "folder:DIR".
 
@@ -385,14 +396,12 @@ def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_d
   or `folder_source` (template, class_names, cache_dir). Label sources cache their class caption table in
   cache_dir, by default DATA_DIR/xsample_caption_emb when data_dir is given.
   """
-  kind, _, arg = spec.partition(":")
-  if kind == "procedural" and not arg:
+  kind, arg = parse_spec(spec)
+  if kind == "procedural":
     return procedural_source(split, embed_fn=embed_fn, **kwargs)
-  if kind == "tfds" and arg:
+  if kind == "tfds":
     return tfds_label_source(arg, split, embed_fn=embed_fn, data_dir=data_dir, **kwargs)
-  if kind == "shards" and arg:
+  if kind == "shards":
     return CaptionShardSource(_split_dir(arg, split))
-  if kind == "folder" and arg:
-    kwargs["cache_dir"] = _cache_dir(kwargs.get("cache_dir"), data_dir)
-    return folder_source(_split_dir(arg, split), embed_fn=embed_fn, **kwargs)
-  raise ValueError(f"unknown data source {spec!r}: use 'procedural', 'tfds:NAME', 'shards:DIR' or 'folder:DIR'")
+  kwargs["cache_dir"] = _cache_dir(kwargs.get("cache_dir"), data_dir)
+  return folder_source(_split_dir(arg, split), embed_fn=embed_fn, **kwargs)

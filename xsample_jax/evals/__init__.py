@@ -34,7 +34,7 @@ COMMON = dict(train_data="", train_split="", eval_data="", eval_split="", train_
 def settings_for(name: str, given=None) -> ml_collections.ConfigDict:
   """COMMON, then the evaluator's SETTINGS, then what the config gives; unknown keys are refused by name."""
   if name not in REGISTRY:
-    raise ValueError(f"unknown evaluator {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    raise ValueError(f"evals.{name}: unknown evaluator; valid: {', '.join(sorted(REGISTRY))}")
   out = ml_collections.ConfigDict({**COMMON, **REGISTRY[name].SETTINGS})
   for key, value in (given or {}).items():
     if key not in out:

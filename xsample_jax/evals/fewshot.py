@@ -32,7 +32,6 @@ Rows with a label < 0 are padding: never drawn, not counted in the test accuracy
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -41,22 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from xsample_jax.evals.linear_probe import _check_xy, _put
+from xsample_jax.evals.linear_probe import Probe, _check_xy, _put, _scores, _standardise
 
 SHOTS = (1, 5, 10, 25)
 DRAWS = 5
 L2 = 2.0 ** 10
 # Full f32 matmuls: bf16 passes (TPU default) or TF32 (GPU) in the Gram matrix would cost the solve digits.
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Ridge:
-  """One draw's fit, on the host. Scores of raw features x: ((x - mean) / std) @ w + b."""
-  mean: np.ndarray  # [D] float32, of the drawn rows
-  std: np.ndarray  # [D] float32, of the drawn rows; 1 where it was 0
-  w: np.ndarray  # [D, K] float32
-  b: np.ndarray  # [K] float32
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -136,13 +126,14 @@ def sample(train_y, num_classes: int, *, shots=SHOTS, draws: int = DRAWS, seed: 
   return out
 
 
-def fit(x, y, num_classes: int, *, l2: float = L2) -> Ridge:
-  """The ridge fit of one draw: x [n * K, D] and y [n * K] are the drawn rows (every label in [0, K))."""
+def fit(x, y, num_classes: int, *, l2: float = L2) -> Probe:
+  """The ridge fit of one draw: x [n * K, D] and y [n * K] are the drawn rows (every label in [0, K)); a linear
+  classifier on standardised features like the probe's, scored as ((x - mean) / std) @ w + b."""
   x, y = _check_xy(x, y, num_classes, "train")
   if np.any(y < 0):
     raise ValueError("fit takes the drawn rows only: got labels < 0")
   mean, std, w, b = _fit(jnp.asarray(x, jnp.float32), jnp.asarray(y), jnp.float32(_check_l2(l2)), num_classes)
-  return Ridge(mean=np.asarray(mean), std=np.asarray(std), w=np.asarray(w), b=np.asarray(b))
+  return Probe(mean=np.asarray(mean), std=np.asarray(std), w=np.asarray(w), b=np.asarray(b), l2=float(l2))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -192,13 +183,9 @@ def _fit(x, y, l2, num_classes):
 
 @jax.jit
 def _correct(mean, std, w, b, x, y):
-  """Test rows whose label scores strictly above every other class."""
+  """Test rows whose label scores strictly above every other class (the probe's own counting)."""
   valid = y >= 0
-  z = jnp.where(valid[:, None], (x - mean) / std, 0.0)
-  scores = jnp.dot(z, w, precision=_HIGHEST) + b
-  true = jnp.take_along_axis(scores, jnp.maximum(y, 0)[:, None], axis=1)
-  rank = jnp.sum(~(scores < true), axis=1) - 1
-  return jnp.sum(valid & (rank < 1))
+  return _scores({"w": w, "b": b}, _standardise(x, valid, mean, std), y, valid.astype(jnp.float32))[0]
 
 
 @jax.jit
