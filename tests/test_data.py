@@ -91,12 +91,17 @@ def test_process_slices_cover_the_dataset_once(procedural):
   np.testing.assert_array_equal(np.sort(np.concatenate(ev)), np.arange(11))
 
 
-def test_process_slice_function():
+def test_process_share_gives_the_same_global_batches_for_any_layout():
   import grain
-  ds = grain.MapDataset.range(10)
-  parts = [list(pipeline.process_slice(ds, i, 3)) for i in range(3)]
-  assert sorted(sum(parts, [])) == list(range(10)) and parts[0] == [0, 3, 6, 9]
-
+  ds = grain.MapDataset.range(10).seed(1).shuffle().repeat(3)  # 30 elements, 7 whole global batches of 4
+  single = list(pipeline.ProcessShare(ds, 0, 1, 4))
+  assert single == [ds[g] for g in range(28)]
+  parts = [list(pipeline.ProcessShare(ds, i, 2, 2)) for i in range(2)]
+  assembled = [x for k in range(7) for part in parts for x in part[2 * k:2 * k + 2]]
+  assert assembled == single
+  # A resume on another layout starts every process at the global batch reached.
+  later = [list(pipeline.ProcessShare(ds, i, 4, 1, start_batch=5)) for i in range(4)]
+  assert [part[k] for k in range(2) for part in later] == single[20:]
 
 def test_every_epoch_is_a_permutation_and_reshuffled(procedural):
   it = iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=0, process_index=0,

@@ -1,11 +1,15 @@
-"""What the two entry points (`main.py`, `evaluate.py`) share: flag parsing with readable errors, quiet logs."""
+"""What the two entry points (`main.py`, `evaluate.py`) share: flag parsing with readable errors, joining the
+processes of a multi-process run, quiet logs."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 
 from absl import flags
 from absl import logging as absl_logging
+
 
 
 def parse_flags(argv):
@@ -29,7 +33,52 @@ def run_checked(fn, *args):
     sys.exit(f"error: {e}")
 
 
+def _several_processes() -> bool:
+  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def init_distributed(mode: str, coordinator_timeout_s: int, heartbeat_timeout_s: int) -> None:
+  """jax.distributed.initialize() per `mode` (main.py's --distributed), before anything touches a jax backend.
+
+  With JAX_COORDINATOR_ADDRESS set (launch/local.sh, or any launcher), JAX_NUM_PROCESSES and JAX_PROCESS_ID give
+  the group; otherwise jax detects the cluster (Cloud TPU, SLURM). A group that does not form within
+  --coordinator_timeout_s ends every process with a message saying so, rather than jax's abort deep in C++.
+  """
+  if mode == "off" or (mode == "auto" and not _several_processes()):
+    return
+  import jax
+  kw, env = {}, os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    try:
+      kw = dict(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
+    except (KeyError, ValueError):
+      sys.exit("error: JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers "
+               f"(got {env.get('JAX_NUM_PROCESSES')!r} and {env.get('JAX_PROCESS_ID')!r})")
+  where = env.get("JAX_COORDINATOR_ADDRESS") or "the detected coordinator"
+  who = f"process {kw['process_id']} of {kw['num_processes']}" if kw else "this process"
+
+  def give_up():
+    sys.stderr.write(f"error: {who} could not join the run's processes at {where} within "
+                     f"{coordinator_timeout_s} s: a process did not start or failed, or the coordinator address "
+                     "cannot be reached (check the address, port and firewall; --coordinator_timeout_s waits "
+                     "longer)\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+  watchdog = threading.Timer(coordinator_timeout_s, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:  # jax's own deadline comes later, so the watchdog's message is the one the user sees
+    jax.distributed.initialize(initialization_timeout=coordinator_timeout_s + 60,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s, **kw)
+  except (RuntimeError, ValueError) as e:
+    sys.exit(f"error: jax.distributed.initialize() failed for {who}: {e}")
+  finally:
+    watchdog.cancel()
+
+
 def quiet_logs():
-  """INFO logs, without orbax's narration of every save and restore (its warnings stay)."""
-  absl_logging.set_verbosity(absl_logging.INFO)
+  """INFO logs on process 0 (warnings only on the others), without orbax's narration of every save and restore."""
+  import jax
+  absl_logging.set_verbosity(absl_logging.INFO if jax.process_index() == 0 else absl_logging.WARNING)
   absl_logging.get_absl_handler().addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)

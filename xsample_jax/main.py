@@ -4,6 +4,7 @@
 
 Rerunning the same command resumes from the latest checkpoint in the workdir. A config arg follows the file after a
 colon (`configs/imagenet.py:loss=simclr,runlocal`). Exit status 0 also after a SIGTERM (the run saved and can resume).
+Several processes (TPU pod slices, SLURM, launch/local.sh) join through jax.distributed: see --distributed.
 """
 from __future__ import annotations
 
@@ -15,14 +16,27 @@ from xsample_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "config file, optionally with ':arg'", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here (local or gs://)")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "join the other processes with jax.distributed.initialize(): 'on' (TPU pod slices, SLURM: the "
+                  "cluster is detected), 'auto' (when JAX_COORDINATOR_ADDRESS is set, as launch/local.sh does, or "
+                  "SLURM started several tasks), 'off'")
+flags.DEFINE_integer("coordinator_timeout_s", 300, "how long the processes may take to find each other at start")
+flags.DEFINE_integer("heartbeat_timeout_s", 30,
+                     "a process silent this long counts as dead, and the others stop with an error instead of hanging")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  cli.init_distributed(f.distributed, f.coordinator_timeout_s, f.heartbeat_timeout_s)
+  import jax
+
   from xsample_jax import train
   out = cli.run_checked(train.train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
+  if jax.process_index() != 0:  # process 0 speaks for the run
+    return
   if out.get("preempted"):
     print(f"preempted at step {out['step']}: checkpoint saved in {flags.FLAGS.workdir}; rerun to resume")
     return

@@ -149,9 +149,28 @@ def get_source(config, spec: str, split: str, workdir: epath.Path | None = None)
     cache = config.data.cache_dir
     if cache is None and config.data.data_dir is None and workdir is not None:
       cache = str(epath.Path(workdir) / "caption_emb")
-    return sources.get_source(spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir,
-                              template=config.data.template, cache_dir=cache)
+    return _process_zero_first(lambda: sources.get_source(
+        spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir, template=config.data.template,
+        cache_dir=cache), f"caption table {spec} {split}")
   return sources.get_source(spec, split)
+
+
+def _process_zero_first(fn, what: str):
+  """fn() on process 0, then on the others: one process computes and writes what is cached on shared storage
+  (the class-name embeddings), the rest read it. Every process must call this, in the same order."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  out = error = None
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except Exception as e:  # re-raised after the barrier, so the others are not left waiting for process 0
+      error = e
+  multihost_utils.sync_global_devices(what)
+  if error is not None:
+    raise error
+  return out if jax.process_index() == 0 else fn()
 
 
 def tokenize_fn(config):
@@ -161,14 +180,14 @@ def tokenize_fn(config):
   return functools.partial(tokenizer.tokenize_one, path=path, length=config.data.context_length)
 
 
-def train_iterator(config, source, mesh):
+def train_iterator(config, source, mesh, start_batch: int = 0):
   aug = augment.SimCLRAugment(size=config.image_size, crop_scale=tuple(config.augment.crop_scale),
                               jitter_strength=config.augment.jitter_strength,
                               jitter_prob=config.augment.jitter_prob, grayscale_prob=config.augment.grayscale_prob,
                               blur_prob=config.augment.blur_prob, solarize_prob=config.augment.solarize_prob)
   ds = pipeline.train_dataset(source, global_batch_size=config.batch_size, augment=aug, seed=config.seed, mesh=mesh,
                               num_workers=config.data.num_workers, read_threads=config.data.read_threads,
-                              strict=config.data.strict,
+                              strict=config.data.strict, start_batch=start_batch,
                               tokenize_fn=tokenize_fn(config) if config.loss.name in TEXT_LOSSES else None)
   return iter(ds)
 
@@ -372,13 +391,22 @@ def save_checkpoint(mngr, step, state, data_state, config):
 
 
 def restore_checkpoint(mngr, step, target):
-  """(state, data iterator state) of `step`, the state placed on the current mesh per `target`'s shardings."""
+  """(state, data iterator state, config) of `step`, the state placed on the current mesh per `target`'s
+  shardings. The data state is None when the checkpoint was written by another number of processes: each process
+  saved its own iterator, so the run then restarts the stream at global batch `step` (see pipeline.ProcessShare)."""
   import grain
-  data = _DataState()
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                   data=grain.checkpoint.CheckpointRestore(data),
-                                                   config=ocp.args.JsonRestore()))
-  return out["state"], data.state, out["config"]
+  i, n = jax.process_index(), jax.process_count()
+  saved = sorted(p.name for p in (mngr.directory / str(step) / "data").glob("process_*-of-*.json"))
+  data = _DataState() if f"process_{i}-of-{n}.json" in saved else None
+  args = dict(state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore())
+  if data is not None:
+    args["data"] = grain.checkpoint.CheckpointRestore(data)
+  else:
+    logging.warning("the checkpoint's data iterators are %s, this run has %d process(es): the data stream "
+                    "continues at global batch %d (the same batches, unless bad records were skipped)",
+                    saved or "missing", n, step)
+  out = mngr.restore(step, args=ocp.args.Composite(**args))
+  return out["state"], data and data.state, out["config"]
 
 
 def config_changes(saved: dict, config) -> list[str]:
@@ -532,18 +560,28 @@ def run_evals(config, graphdef, state, mesh, workdir, names=None) -> dict[str, f
 
 
 class _Preemption:
-  """SIGTERM (how TPU VMs are preempted) sets a flag; the loop saves at the next step boundary and returns."""
+  """SIGTERM (how TPU VMs are preempted) asks for a save at a step boundary, after which the loop returns. With
+  several processes jax's preemption service catches the signal and makes them all agree on the step."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._requested = False
+    self._several = jax.process_count() > 1
+    self._previous = None if self._several else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
-    self.requested = True
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (asked after every step, on every process)."""
+    if self._several:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _next_batch(it, clock):
@@ -602,17 +640,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mngr = checkpoint_manager(workdir, config)
   # A data-fraction run trains on a fixed head of the source (the same images whatever the seed or method).
   n_train = max(1, round(config.data.train_fraction * len(train_source)))
-  it = train_iterator(config, train_source if n_train == len(train_source) else sources.Head(train_source, n_train), mesh)
+  if n_train < len(train_source):
+    train_source = sources.Head(train_source, n_train)
   start = mngr.latest_step()
   if start is not None:
     state, data_state, saved_config = restore_checkpoint(mngr, start, target)
-    it.set_state(data_state)
+    it = train_iterator(config, train_source, mesh, start_batch=start if data_state is None else 0)
+    if data_state is not None:
+      it.set_state(data_state)
     logging.info("resumed from step %d in %s", start, workdir / "checkpoints")
     changes = config_changes(saved_config, config)
     if changes:  # legitimate (a new mesh, more steps), but the run is then not the one that was saved
       logging.warning("the config differs from the checkpoint's: %s", "; ".join(changes))
   else:
     start = 0
+    it = train_iterator(config, train_source, mesh)
     state = init_state(config, shardings)
     state = warm_start(config, graphdef, state, target, shardings)
 
@@ -631,7 +673,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, metrics = train_step(state, batch)  # dispatched asynchronously
     step += 1
     pending.append((step, metrics))
-    stop, end = preemption.requested, step == config.total_steps
+    stop, end = preemption.reached(step), step == config.total_steps
     save = stop or end or step % config.checkpoint_every_steps == 0
     data_state = it.get_state() if save else None  # the stream after the batches consumed so far
     if not (stop or end):  # the host fetches the next batch while the device runs this step

@@ -1,4 +1,4 @@
-"""grain pipelines: a source (sources.py) -> per-process slice -> decode + augment -> batch -> global jax.Array.
+"""grain pipelines: a source (sources.py) -> per-process share of each global batch -> decode + augment -> batch -> global jax.Array.
 
 Training batch (`train_dataset`), for a global batch of B images over P processes (b = B / P images per process):
   "image":    uint8 [2b, S, S, 3]  two SimCLR views per image, interleaved: rows 2i and 2i+1 are the two views of
@@ -33,9 +33,8 @@ and masked (valid False) in evaluation, counted, and logged with their key; with
 
 Checkpointing: `it.get_state()` / `it.set_state(state)` (JSON-able dict; also works with
 `grain.checkpoint.CheckpointHandler` in an orbax CheckpointManager) restore the exact stream of batches.
-Determinism: the stream depends only on (source, seed, batch size, process index/count); not on worker counts.
-Multi-host: train endlessly (num_epochs=None, the trainer counts steps); with a finite num_epochs processes whose
-slices differ by one element can end a batch apart.
+Determinism: global batch k depends only on (source, seed, global batch size): not on the number of processes or
+devices, nor on worker counts (until a bad record is skipped: the process that met it reads one element further).
 """
 from __future__ import annotations
 
@@ -232,9 +231,33 @@ def _sharding(mesh):
   return batch_sharding(mesh)
 
 
-def process_slice(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
-  """This process's share: every process_count-th element from process_index (disjoint, together everything)."""
-  return ds[process_index::process_count]
+class ProcessShare(grain.MapDataset):
+  """Process i's share of a stream cut into global batches of count * local_batch elements: rows
+  [i * local_batch, (i + 1) * local_batch) of each, from global batch `start_batch` on.
+
+  Global batch k is then elements [k B, (k + 1) B) of the stream in the same order whatever the number of processes
+  (the global array is the processes' blocks in process order), so 1 x 8 and 2 x 4 devices train on the same data,
+  and a run resumes on another layout by starting each process at the global batch it had reached. Only whole
+  global batches are shared out: a finite stream's last B - 1 elements at most are left, as a lone process would.
+  """
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int, start_batch: int = 0):
+    super().__init__(parent)
+    self._index, self._count, self._local, self._start = index, count, local_batch, start_batch
+    global_batch = count * local_batch
+    self._len = (len(parent) // global_batch - start_batch) * local_batch
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local)
+    return self._parent[((self._start + batch) * self._count + self._index) * self._local + row]
+
+  def __str__(self) -> str:
+    return f"ProcessShare(index={self._index}, count={self._count}, local_batch={self._local}, start={self._start})"
 
 
 def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
@@ -254,19 +277,22 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
                   process_index: int | None = None, process_count: int | None = None, mesh=None,
                   num_epochs: int | None = None, num_workers: int = 0, read_threads: int = 8,
                   strict: bool = False, embed_dim: int = EMBED_DIM,
-                  tokenize_fn: TokenizeFn | None = None) -> grain.IterDataset:
+                  tokenize_fn: TokenizeFn | None = None, start_batch: int = 0) -> grain.IterDataset:
   """Shuffled (reshuffled every epoch), two-view batches of `global_batch_size` images; endless by default.
 
-  Each process reads only its slice of the shuffled order (`process_slice`) and augments with a generator keyed by
-  the element's global position, so no two processes or epochs share augmentation randomness.
+  Each process reads only its share of each global batch of the shuffled stream (`ProcessShare`) and augments with
+  a generator keyed by the element's position in the stream, so global batch k (its examples, their order and their
+  augmentations) does not depend on the number of processes, and no two epochs share augmentation randomness.
   tokenize_fn: adds "tokens" / "token_mask" [2b, L] from each caption (picklable; see the module docstring).
+  start_batch: the first global batch to yield (a resume on another process layout; same-layout resumes restore
+  the iterator's state instead).
   """
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 2, mesh)
   ds = grain.MapDataset.source(source).seed(seed).shuffle()
   ds = ds.random_map(functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict,
                                        tokenize_fn=tokenize_fn))
-  ds = process_slice(ds, process_index, process_count).repeat(num_epochs)
+  ds = ProcessShare(ds.repeat(num_epochs), process_index, process_count, local, start_batch)
   it = _to_iter(ds, num_workers, read_threads, local)
   return _BatchDataset(it, local, None, _sharding(mesh))
 
@@ -275,14 +301,15 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, process_ind
                  process_count: int | None = None, mesh=None, crop_fraction: float = 0.875, num_workers: int = 0,
                  read_threads: int = 8, strict: bool = False, embed_dim: int = EMBED_DIM,
                  tokenize_fn: TokenizeFn | None = None) -> grain.IterDataset:
-  """One pass in source order, resize + centre crop, padded so all processes yield the same number of batches.
+  """One pass in source order, resize + centre crop, padded to whole global batches (so all processes yield the
+  same number of batches, and the rows of global batch k are source elements [k B, (k + 1) B) for any layout).
 
   tokenize_fn: adds "tokens" / "token_mask" [b, L] from each caption (zeros on invalid rows).
   """
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 1, mesh)
-  padded = -(-len(source) // process_count) * process_count
-  ds = process_slice(grain.MapDataset.range(padded), process_index, process_count)
+  padded = -(-len(source) // global_batch_size) * global_batch_size
+  ds = ProcessShare(grain.MapDataset.range(padded), process_index, process_count, local)
   ds = ds.map(functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
                                 embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn))
   it = _to_iter(ds, num_workers, read_threads, local)
