@@ -55,15 +55,15 @@ logs:
 stop, delete:
   --spot                 the TPU is a queued resource (delete: queued-resources delete --force)
 
-Examples:
+Examples (v4: us-central2-b; list a zone's types: gcloud compute tpus accelerator-types list --zone Z):
   launch/tpu.sh create --name xclr --zone us-central2-b --accelerator v4-32
   launch/tpu.sh create --name xclr5 --zone us-west4-a --accelerator v5litepod-64 --spot
   launch/tpu.sh setup  --name xclr --zone us-central2-b --bucket my-bucket
   launch/tpu.sh run    --name xclr --zone us-central2-b --config configs/imagenet.py:loss=xclr \
       --workdir gs://my-bucket/runs/xclr_in1k --tfds-data-dir /mnt/data/tensorflow_datasets \
       -- --config.batch_size=4096
-  launch/tpu.sh logs   --name xclr --zone europe-west4-a --out tpu_logs/xclr
-  launch/tpu.sh stop   --name xclr --zone europe-west4-a
+  launch/tpu.sh logs   --name xclr --zone us-central2-b --out tpu_logs/xclr
+  launch/tpu.sh stop   --name xclr --zone us-central2-b
   launch/tpu.sh delete --name xclr5 --zone us-west4-a --spot
 
 Environment: GCLOUD (default gcloud) is the gcloud binary.

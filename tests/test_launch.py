@@ -91,7 +91,7 @@ def test_help_lists_commands_and_examples(tpu):
   proc, calls = tpu("--help")
   assert proc.returncode == 0 and not calls
   for word in ("create", "setup", "run", "logs", "stop", "delete", "--dry-run", "v4-32", "v5litepod-64 --spot",
-               "europe-west4-a", "us-central2-b"):
+               "us-central2-b", "--workdir"):
     assert word in proc.stdout, word
 
 
