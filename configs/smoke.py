@@ -3,16 +3,13 @@
   python -m xsample_jax.main --config configs/smoke.py --workdir runs/smoke
 
 Expect the loss to fall from ~5.8 to ~4.1 and a closing line with the linear-probe, 10-shot and k-NN accuracies on
-the shape label (8 classes; chance 12.5%); every evaluator's results are in metrics.jsonl. `:loss=simclr` (or supcon,
-clip, siglip, xclr_cross_modal) swaps the objective; `:evals=false` trains only (e.g. a quick launcher check).
+the shape label (8 classes; chance 12.5%); every evaluator's results are in metrics.jsonl. `:loss=simclr` (or supcon, clip, siglip, xclr_cross_modal) swaps the objective.
 """
-import ml_collections
-
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, loss="xclr", evals=True)
+  arg = common.parse_arg(arg, loss="xclr")
   c = common.base()
   c.total_steps = 300
   c.batch_size = 64
@@ -47,6 +44,4 @@ def get_config(arg=None):
     c.evals.graph_alignment = dict(eval_examples=1024)
   if arg.loss in ("clip", "siglip"):
     c.loss.temperature = 0.07 if arg.loss == "clip" else 0.1
-  if not arg.evals:
-    c.evals = ml_collections.ConfigDict()
   return c

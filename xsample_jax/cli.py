@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 
 from absl import flags
 from absl import logging as absl_logging
@@ -26,11 +27,24 @@ def run_checked(fn, *args):
   """fn(*args) with quiet logs; a ConfigError (raised before anything is compiled or written) ends the program
   with its message instead of a trace."""
   from xsample_jax import train  # after flag parsing: a --help never pays for importing jax
+  import jax
   quiet_logs()
   try:
     return fn(*args)
   except train.ConfigError as e:
     sys.exit(f"error: {e}")
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # Usually a collective whose peer died. Exit now: a normal exit would wait in jax's shutdown barrier for the
+    # dead process until the heartbeat timeout, and nothing of this run is left to save.
+    traceback.print_exc()
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    sys.stderr.write(f"error: process {jax.process_index()} of {jax.process_count()} stops: {first}\n"
+                     "With several processes this usually means another one failed or was killed: see its log. "
+                     "Rerun the same command on every host to resume from the latest checkpoint.\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _several_processes() -> bool:
