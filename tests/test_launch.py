@@ -127,6 +127,7 @@ def test_setup(tpu):
   assert words[i:i + 4] == ["gcsfuse", "--implicit-dirs", "my-bucket", "/mnt/data"]
   assert "https://example.test/x sample.git" in words  # one word despite the space
   assert words[words.index("-r") + 1] == "xsample_jax/requirements.txt"
+  assert words[words.index("-r") + 3] == "xsample_jax/requirements-gcs.txt"  # gcsfs: epath on gs:// workdirs
 
 
 def test_setup_defaults_to_the_local_head(tpu):

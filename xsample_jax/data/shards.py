@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
 MAGIC = b"XSR1"
 _HEADER = struct.Struct("<4sIIIIBq")
@@ -114,11 +115,10 @@ class ShardWriter:
 
 
 def read_manifest(directory: str) -> dict:
-  path = os.path.join(directory, "manifest.json")
-  if not os.path.exists(path):
+  path = epath.Path(directory) / "manifest.json"  # local, a gcsfuse mount, or gs://
+  if not path.exists():
     raise FileNotFoundError(f"{directory} has no manifest.json; write shards with `python -m xsample_jax.tools.make_shards`")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def shard_paths(directory: str) -> list[str]:
