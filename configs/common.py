@@ -28,6 +28,10 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0: evaluate at the end only
   c.eval_batch_size = 256  # global, for extracting frozen features
   c.progress_bar = True
+  # A step whose loss or gradient is NaN/Inf is never applied (parameters, optimizer and BatchNorm statistics stay
+  # as they were). 'stop': the run ends with an error naming the step; 'skip': training goes on, counting such steps
+  # in the metric `nonfinite_steps` (saved with the state).
+  c.nonfinite = "stop"
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "procedural"  # 'procedural' | 'tfds:NAME' | 'shards:DIR' | 'folder:DIR'
@@ -98,6 +102,9 @@ def base() -> ml_collections.ConfigDict:
   c.init.backbone = _optional_str()  # an .npz of image-tower parameters (`xsample_jax.train.save_backbone`)
 
   c.evals = ml_collections.ConfigDict()  # name -> settings, e.g. evals.linear_probe = {...}
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.inject_nonfinite_steps = ()  # fault testing: the loss and gradients of these steps (1-based) become NaN
   return c
 
 

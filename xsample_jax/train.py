@@ -47,6 +47,10 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the key and the fix."""
 
 
+class NonFiniteError(FloatingPointError):
+  """A step's loss or gradient was NaN/Inf under config.nonfinite='stop' (the step was not applied)."""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1. The config, checked before anything is compiled or written.
 
@@ -76,6 +80,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
        f"must be > 0, got {config.loss.target_temperature}")
   need(config.loss.graph in GRAPHS, "loss.graph", f"must be one of {GRAPHS}")
   need(config.loss.impl in losses.IMPLS, "loss.impl", f"must be one of {losses.IMPLS}")
+  need(config.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {config.nonfinite!r}")
   need(config.optimizer.name in OPTIMIZERS, "optimizer.name",
        f"unknown optimizer {config.optimizer.name!r}; valid: {', '.join(OPTIMIZERS)}")
   need(config.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {config.optimizer.lr}")
@@ -244,6 +249,7 @@ class Model(nnx.Module):
 class TrainState(nnx.Module):
   def __init__(self, model: Model, optimizer: nnx.Optimizer):
     self.model, self.optimizer = model, optimizer
+    self.nonfinite_steps = nnx.Variable(jnp.zeros((), jnp.int32))  # steps not applied: NaN/Inf loss or gradient
 
 
 def learning_rate(config) -> optax.Schedule:
@@ -361,13 +367,28 @@ def make_loss_fn(config, mesh, table: jax.Array | None):
 def make_train_step(config, graphdef, shardings, mesh, loss_fn):
   schedule = learning_rate(config)
 
+  inject = tuple(config.debug.inject_nonfinite_steps)
+
   def train_step(state, batch):
+    before = jax.tree.map(lambda x: x, state)  # the arrays to keep if this step turns out non-finite
     ts = nnx.merge(graphdef, state)
     step = ts.optimizer.step[...]
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
     (loss, aux), grads = grad_fn(ts.model, batch)
+    if inject:  # fault testing: a NaN loss and NaN gradients at the chosen steps
+      bad = jnp.isin(step + 1, jnp.asarray(inject))
+      loss, grads = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), (loss, grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     ts.optimizer.update(ts.model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step), **aux}
+    # A non-finite step leaves everything as it was (BatchNorm statistics too) except the step count, so the
+    # schedule and the data stream move on and the count says what was not applied.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), nnx.state(ts), before)
+    ts = nnx.merge(graphdef, new)
+    ts.optimizer.step[...] = step + 1
+    ts.nonfinite_steps[...] += (~finite).astype(jnp.int32)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step), **aux,
+               "nonfinite_steps": ts.nonfinite_steps[...]}
     return nnx.state(ts), metrics
 
   return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
@@ -591,9 +612,10 @@ def _next_batch(it, clock):
   return batch
 
 
-def log_metrics(writer, bar, pending, batch_size, clock, data_metrics) -> dict[str, float]:
+def log_metrics(writer, bar, pending, batch_size, clock, data_metrics, nonfinite="stop") -> dict[str, float]:
   """Fetches the metrics of the steps since the last log (the loop's only host sync) and writes one row a step;
-  the last row also gets the interval's throughput and data-wait. Returns that row."""
+  the last row also gets the interval's throughput and data-wait. Returns that row. A step whose loss or gradient
+  was not finite (not applied by the step) raises NonFiniteError, or with nonfinite='skip' is logged."""
   fetched = jax.device_get(pending)
   elapsed, n = time.perf_counter() - clock["log"], len(fetched)
   rows = [{"step": s, **{k: float(v) for k, v in m.items()}} for s, m in fetched]
@@ -601,9 +623,16 @@ def log_metrics(writer, bar, pending, batch_size, clock, data_metrics) -> dict[s
                    "data_wait": clock["data_wait"] / n, **data_metrics})
   for row in rows:
     writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
-  bad = [r["step"] for r in rows if not math.isfinite(r["loss"])]
-  if bad:  # the checkpoints so far stay as they are
-    raise FloatingPointError(f"the loss is not finite at steps {bad}")
+  bad = [r["step"] for r in rows if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))]
+  if bad and nonfinite == "stop":  # the checkpoints so far stay as they are
+    raise NonFiniteError(
+        f"step {bad[0]}: the loss or a gradient is NaN/Inf; the update was not applied and the run stops "
+        "(config.nonfinite='stop'). Every checkpoint so far is intact, so rerunning resumes from the latest; a "
+        "lower optimizer.lr or optimizer.grad_clip_norm may prevent it, and --config.nonfinite=skip skips such "
+        "steps instead")
+  if bad:
+    logging.warning("steps %s: the loss or a gradient is NaN/Inf; not applied (%d such steps in this run)", bad,
+                    int(rows[-1]["nonfinite_steps"]))
   if bar is not None:
     bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", img_s=f"{rows[-1]['images_per_sec']:.0f}")
   clock["log"], clock["data_wait"] = time.perf_counter(), 0.0
@@ -668,30 +697,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step, pending, last, stopped = start, [], {"step": start}, False
   clock = {"log": time.perf_counter(), "data_wait": 0.0}
   batch = _next_batch(it, clock) if start < config.total_steps else None
-  while step < config.total_steps:
-    with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
-      state, metrics = train_step(state, batch)  # dispatched asynchronously
-    step += 1
-    pending.append((step, metrics))
-    stop, end = preemption.reached(step), step == config.total_steps
-    save = stop or end or step % config.checkpoint_every_steps == 0
-    data_state = it.get_state() if save else None  # the stream after the batches consumed so far
-    if not (stop or end):  # the host fetches the next batch while the device runs this step
-      batch = _next_batch(it, clock)
-    if stop or end or step % config.log_every_steps == 0:
-      last = log_metrics(writer, bar, pending, config.batch_size, clock, it.metrics())
-      pending = []
-    if bar is not None:
-      bar.update(1)
-    if save:
-      save_checkpoint(mngr, step, state, data_state, config)
-    if stop:
-      stopped = True
-      break
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and not end:
-      writer.write(step, run_evals(config, graphdef, state, mesh, workdir))
-  mngr.wait_until_finished()
-  preemption.restore()
+  try:
+    while step < config.total_steps:
+      with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
+        state, metrics = train_step(state, batch)  # dispatched asynchronously
+      step += 1
+      pending.append((step, metrics))
+      stop, end = preemption.reached(step), step == config.total_steps
+      save = stop or end or step % config.checkpoint_every_steps == 0
+      data_state = it.get_state() if save else None  # the stream after the batches consumed so far
+      if not (stop or end):  # the host fetches the next batch while the device runs this step
+        batch = _next_batch(it, clock)
+      if stop or end or step % config.log_every_steps == 0:
+        last = log_metrics(writer, bar, pending, config.batch_size, clock, it.metrics(), config.nonfinite)
+        pending = []
+      if bar is not None:
+        bar.update(1)
+      if save:
+        save_checkpoint(mngr, step, state, data_state, config)
+      if stop:
+        stopped = True
+        break
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and not end:
+        writer.write(step, run_evals(config, graphdef, state, mesh, workdir))
+  finally:  # a save in flight completes, and SIGTERM gets its handler back, also when the loop raises
+    mngr.wait_until_finished()
+    preemption.restore()
   if bar is not None:
     bar.close()
   if stopped:
