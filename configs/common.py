@@ -45,6 +45,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # grain worker processes (augmentation runs there)
   c.data.read_threads = 8
   c.data.strict = False  # True: a bad record stops training instead of being skipped and counted
+  c.data.max_bad_in_a_row = 1000  # stop when this many records in a row are bad (a dataset-wide problem) ...
+  c.data.max_bad_fraction = 0.5  # ... or when more than this fraction of the records read are bad
   c.data.procedural_examples = 50_000  # size of the embedded dataset's training split
   c.data.procedural_image_size = 64  # its rendering resolution (crops are resized to image_size)
   c.data.context_length = 32  # caption tokens for text towers

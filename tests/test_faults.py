@@ -51,3 +51,32 @@ def test_a_skipped_step_changes_nothing_but_the_step_and_the_count(tmp_path):
 def test_nonfinite_is_checked():
   with pytest.raises(train.ConfigError, match="config.nonfinite: must be 'stop' or 'skip'"):
     train.check_config(tiny_config(nonfinite="ignore"))
+
+
+def _records(n, bad):
+  """n training records; those with bad(i) carry 512-wide caption embeddings (the model expects 384)."""
+  img = np.full((8, 8, 3), 90, np.uint8)
+  return [dict(image=img, caption=f"photo {i}", key=f"k{i}", id=i,
+               caption_emb=np.full(512 if bad(i) else 384, 0.05, np.float32)) for i in range(n)]
+
+
+def test_a_dataset_of_bad_records_stops_training_instead_of_searching_forever():
+  from xsample_jax.data import augment, pipeline, shards
+  aug = augment.SimCLRAugment(size=8)
+  everything_bad = pipeline.train_dataset(_records(3000, lambda i: True), global_batch_size=4, augment=aug, seed=0,
+                                          process_index=0, process_count=1)
+  with pytest.raises(shards.BadRecordError, match=r"1000 bad records in a row, 1000 of 1000 read; .*shape \(512,\)"):
+    next(iter(everything_bad))
+  # Mostly bad, never 50 in a row: the fraction stops it once 1000 records were read.
+  mostly_bad = pipeline.train_dataset(_records(3000, lambda i: i % 5 < 3), global_batch_size=4, augment=aug, seed=0,
+                                      process_index=0, process_count=1, max_bad_in_a_row=50)
+  with pytest.raises(shards.BadRecordError, match=r"of 10\d\d read"):
+    it = iter(mostly_bad)
+    for _ in range(1000):
+      next(it)
+  # A few bad records (1 in 10) train on, counted.
+  it = iter(pipeline.train_dataset(_records(3000, lambda i: i % 10 == 0), global_batch_size=4, augment=aug, seed=0,
+                                   process_index=0, process_count=1))
+  for _ in range(400):
+    next(it)
+  assert 100 < it.skipped < 220

@@ -193,6 +193,8 @@ def train_iterator(config, source, mesh, start_batch: int = 0):
   ds = pipeline.train_dataset(source, global_batch_size=config.batch_size, augment=aug, seed=config.seed, mesh=mesh,
                               num_workers=config.data.num_workers, read_threads=config.data.read_threads,
                               strict=config.data.strict, start_batch=start_batch,
+                              max_bad_in_a_row=config.data.max_bad_in_a_row,
+                              max_bad_fraction=config.data.max_bad_fraction,
                               tokenize_fn=tokenize_fn(config) if config.loss.name in TEXT_LOSSES else None)
   return iter(ds)
 

@@ -30,6 +30,8 @@ imports models; the trainer passes the text tower's tokenizer in.
 Bad records (undecodable image, empty caption, embedding of the wrong length or not finite) are skipped in training
 and masked (valid False) in evaluation, counted, and logged with their key; with `strict=True` the first one raises
 `BadRecordError` naming it. The counts are part of the iterator: `it.skipped`, `it.metrics()`, and its grain state.
+A dataset-wide problem stops training with BadRecordError instead of searching forever for a good record
+(`max_bad_in_a_row`, `max_bad_fraction`).
 
 Checkpointing: `it.get_state()` / `it.set_state(state)` (JSON-able dict; also works with
 `grain.checkpoint.CheckpointHandler` in an orbax CheckpointManager) restore the exact stream of batches.
@@ -145,12 +147,16 @@ def _collate(rows: list[dict]) -> dict:
 
 
 class _BatchIterator(grain.DatasetIterator):
-  """Counts and drops (train) or masks (eval) bad records, batches, and optionally makes global jax.Arrays."""
+  """Counts and drops (train) or masks (eval) bad records, batches, and optionally makes global jax.Arrays.
 
-  def __init__(self, parent, batch_size: int, pad_to: dict | None, sharding):
+  Training stops (BadRecordError) after `limits` = (K, F): K bad records in a row, or a bad fraction above F once
+  1000 records were read, rather than search forever for a good one (one host stuck there hangs a whole pod).
+  """
+
+  def __init__(self, parent, batch_size: int, pad_to: dict | None, sharding, limits=None):
     super().__init__(parent)
-    self._batch_size, self._pad_to, self._sharding = batch_size, pad_to, sharding
-    self._skipped = 0
+    self._batch_size, self._pad_to, self._sharding, self._limits = batch_size, pad_to, sharding, limits
+    self._skipped = self._seen = self._in_a_row = 0
 
   @property
   def skipped(self) -> int:
@@ -170,9 +176,12 @@ class _BatchIterator(grain.DatasetIterator):
           raise
         rows.extend(_filler(self._pad_to) for _ in range(self._batch_size - len(rows)))
         break
+      self._seen += "pad" not in ex
+      self._in_a_row = self._in_a_row + 1 if "bad" in ex else 0
       if "bad" in ex:
         self._skipped += 1
         logging.warning("skipping bad record %r: %s (%d bad so far)", ex["key"], ex["bad"], self._skipped)
+        self._check_limits(ex)
       if "bad" not in ex and "pad" not in ex:
         rows.append(ex)
       elif self._pad_to is not None:
@@ -183,22 +192,33 @@ class _BatchIterator(grain.DatasetIterator):
     import jax  # only the global assembly needs jax; grain workers never import it
     return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
 
+  def _check_limits(self, ex: dict) -> None:
+    if self._limits is None:
+      return
+    most_in_a_row, most_fraction = self._limits
+    if self._in_a_row >= most_in_a_row or (self._seen >= 1000 and self._skipped > most_fraction * self._seen):
+      raise BadRecordError(
+          f"{self._in_a_row} bad records in a row, {self._skipped} of {self._seen} read; the last, {ex['key']!r}: "
+          f"{ex['bad']}. When most records fail the same way the cause is usually the dataset as a whole (caption "
+          "embeddings of another width than the model's, images in a format the decoder does not read, the wrong "
+          "directory) rather than single bad files")
+
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "skipped": self._skipped}
+    return {"parent": self._parent.get_state(), "skipped": self._skipped, "seen": self._seen}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    self._skipped = int(state["skipped"])
+    self._skipped, self._seen, self._in_a_row = int(state["skipped"]), int(state.get("seen", 0)), 0
 
 
 class _BatchDataset(grain.IterDataset):
 
-  def __init__(self, parent, batch_size: int, pad_to: dict | None, sharding):
+  def __init__(self, parent, batch_size: int, pad_to: dict | None, sharding, limits=None):
     super().__init__(parent)
-    self._batch_size, self._pad_to, self._sharding = batch_size, pad_to, sharding
+    self._batch_size, self._pad_to, self._sharding, self._limits = batch_size, pad_to, sharding, limits
 
   def __iter__(self) -> _BatchIterator:
-    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._pad_to, self._sharding)
+    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._pad_to, self._sharding, self._limits)
 
   def __str__(self) -> str:
     return f"BatchGoodRecords(batch_size={self._batch_size}, pad={self._pad_to is not None})"
@@ -277,7 +297,8 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
                   process_index: int | None = None, process_count: int | None = None, mesh=None,
                   num_epochs: int | None = None, num_workers: int = 0, read_threads: int = 8,
                   strict: bool = False, embed_dim: int = EMBED_DIM,
-                  tokenize_fn: TokenizeFn | None = None, start_batch: int = 0) -> grain.IterDataset:
+                  tokenize_fn: TokenizeFn | None = None, start_batch: int = 0, max_bad_in_a_row: int = 1000,
+                  max_bad_fraction: float = 0.5) -> grain.IterDataset:
   """Shuffled (reshuffled every epoch), two-view batches of `global_batch_size` images; endless by default.
 
   Each process reads only its share of each global batch of the shuffled stream (`ProcessShare`) and augments with
@@ -286,6 +307,8 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
   tokenize_fn: adds "tokens" / "token_mask" [2b, L] from each caption (picklable; see the module docstring).
   start_batch: the first global batch to yield (a resume on another process layout; same-layout resumes restore
   the iterator's state instead).
+  max_bad_in_a_row, max_bad_fraction: stop with BadRecordError after that many bad records in a row, or when more
+  than that fraction of the records read (after the first 1000) were bad.
   """
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 2, mesh)
@@ -294,7 +317,7 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
                                        tokenize_fn=tokenize_fn))
   ds = ProcessShare(ds.repeat(num_epochs), process_index, process_count, local, start_batch)
   it = _to_iter(ds, num_workers, read_threads, local)
-  return _BatchDataset(it, local, None, _sharding(mesh))
+  return _BatchDataset(it, local, None, _sharding(mesh), (max_bad_in_a_row, max_bad_fraction))
 
 
 def eval_dataset(source, *, global_batch_size: int, image_size: int, process_index: int | None = None,
