@@ -80,3 +80,54 @@ def test_a_dataset_of_bad_records_stops_training_instead_of_searching_forever():
   for _ in range(400):
     next(it)
   assert 100 < it.skipped < 220
+
+
+def _losses(workdir):
+  import json
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _snapshot(workdir):
+  return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
+  reference = tmp_path / "reference"
+  train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every_steps=2), str(reference))
+  run = tmp_path / "run"
+  # A run stopped after its step-4 checkpoint (by a NaN at step 5), whose array files were then damaged.
+  config = tiny_config(total_steps=6, checkpoint_every_steps=2, **{"debug.inject_nonfinite_steps": (5,)})
+  with pytest.raises(train.NonFiniteError):
+    train.train_and_evaluate(config, str(run))
+  data_files = [p for p in (run / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data_files
+  for p in data_files:
+    p.write_bytes(b"\0garbage" * 7)
+  out = train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every_steps=2), str(run))
+  assert out["step"] == 6
+  assert [p.name.split(".")[0] for p in (run / "corrupt_checkpoints").iterdir()] == ["4"]  # kept, not deleted
+  got, want = _losses(run), _losses(reference)
+  # Resumed from step 2 (the first two steps ran in the fault-injecting program, hence float-level differences).
+  np.testing.assert_allclose([got[s] for s in (3, 4, 5, 6)], [want[s] for s in (3, 4, 5, 6)], rtol=1e-5)
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_the_workdir_left_as_it_was(tmp_path):
+  train.train_and_evaluate(tiny_config(total_steps=3, checkpoint_every_steps=3), str(tmp_path))
+  before = _snapshot(tmp_path)
+  with pytest.raises(train.CheckpointError, match="no checkpoint in .* restores .*use that config or a new workdir"):
+    train.train_and_evaluate(tiny_config(total_steps=4, **{"model.head": (48, 32)}), str(tmp_path))
+  assert _snapshot(tmp_path) == before
+
+
+def test_restoring_never_unpickles(tmp_path, monkeypatch):
+  import pickle
+  train.train_and_evaluate(tiny_config(total_steps=3, checkpoint_every_steps=3), str(tmp_path))
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a checkpoint restore unpickled data")
+  monkeypatch.setattr(pickle, "load", refuse)
+  monkeypatch.setattr(pickle, "loads", refuse)
+  out = train.train_and_evaluate(tiny_config(total_steps=4, checkpoint_every_steps=3), str(tmp_path))
+  assert out["step"] == 4
+  assert not [p for p in (tmp_path / "checkpoints").rglob("*") if p.suffix in (".pkl", ".pickle")]

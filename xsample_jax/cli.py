@@ -31,7 +31,7 @@ def run_checked(fn, *args):
   quiet_logs()
   try:
     return fn(*args)
-  except (train.ConfigError, train.NonFiniteError) as e:
+  except (train.ConfigError, train.NonFiniteError, train.CheckpointError) as e:
     sys.exit(f"error: {e}")
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:

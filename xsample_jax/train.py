@@ -432,6 +432,51 @@ def restore_checkpoint(mngr, step, target):
   return out["state"], data and data.state, out["config"]
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of the workdir restores (a different model or config, or damaged files)."""
+
+
+def restore_latest(mngr, target):
+  """(step, state, data state, config) of the newest checkpoint that restores, or None when there is none.
+
+  A checkpoint that fails to restore while an older one restores is damaged (an interrupted copy, a disk error):
+  it is moved to DIR/corrupt_checkpoints/STEP (kept, not deleted) so that the run continues from the older one and
+  can save that step again. When none restores, the cause is the run, not the files: CheckpointError, nothing moved.
+  """
+  failed = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      out = restore_checkpoint(mngr, step, target)
+    except Exception as e:  # orbax and tensorstore raise many kinds; each is reported, none is swallowed silently
+      logging.error("checkpoint %d in %s does not restore: %s: %s", step, mngr.directory, type(e).__name__, e)
+      failed.append((step, e))
+      continue
+    if failed:
+      _set_aside(mngr, [s for s, _ in failed])
+      logging.warning("resuming from step %d, the newest checkpoint that restores; damaged: %s, moved to %s",
+                      step, [s for s, _ in failed], mngr.directory.parent / "corrupt_checkpoints")
+    return (step, *out)
+  if failed:
+    step, e = failed[0]
+    raise CheckpointError(
+        f"no checkpoint in {mngr.directory} restores (newest: step {step}: {type(e).__name__}: {e}). If the "
+        "model or config differs from the run that wrote them (see DIR/config.json), use that config or a new "
+        "workdir; init.checkpoint starts a new run from another run's model")
+  return None
+
+
+def _set_aside(mngr, steps):
+  if jax.process_index() == 0:
+    aside = mngr.directory.parent / "corrupt_checkpoints"
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      (mngr.directory / str(step)).rename(aside / f"{step}.{int(time.time())}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("corrupt checkpoints set aside")
+  mngr.reload()
+
+
 def config_changes(saved: dict, config) -> list[str]:
   """'key: saved -> now' for every leaf that differs between a checkpoint's config and the current one."""
   def flat(d, prefix=""):
@@ -660,10 +705,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f"not {config.data.train!r}")
     table = jax.device_put(class_similarity(train_source), sharding.replicated(mesh))
 
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
   graphdef, target, shardings = abstract_state(config, mesh)
   loss_fn = make_loss_fn(config, mesh, table)
   train_step = make_train_step(config, graphdef, shardings, mesh, loss_fn)
@@ -673,9 +714,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_train = max(1, round(config.data.train_fraction * len(train_source)))
   if n_train < len(train_source):
     train_source = sources.Head(train_source, n_train)
-  start = mngr.latest_step()
-  if start is not None:
-    state, data_state, saved_config = restore_checkpoint(mngr, start, target)
+  restored = restore_latest(mngr, target)
+  if restored is not None:
+    start, state, data_state, saved_config = restored
     it = train_iterator(config, train_source, mesh, start_batch=start if data_state is None else 0)
     if data_state is not None:
       it.set_state(data_state)
@@ -689,6 +730,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_state(config, shardings)
     state = warm_start(config, graphdef, state, target, shardings)
 
+  if jax.process_index() == 0:  # only now: a run that cannot start leaves the workdir as it was
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   writer = MetricWriter(workdir, start)
   preemption = _Preemption()
   bar = None
