@@ -25,6 +25,7 @@ _HEADER = struct.Struct("<4sIIIIBq")
 _DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
 _DTYPE_CODES = {np.dtype("<f4"): 0, np.dtype("<f2"): 1}
 SHARD_PATTERN = "data-{:05d}.array_record"
+PARTIAL_SUFFIX = ".partial"  # a shard being written; renamed to its final name only once closed
 
 
 class BadRecordError(ValueError):
@@ -81,7 +82,11 @@ def record_problem(caption: str, embedding: np.ndarray, embed_dim: int) -> str |
 
 
 class ShardWriter:
-  """Writes records into numbered ArrayRecord shards of `records_per_shard` records each."""
+  """Writes records into numbered ArrayRecord shards of `records_per_shard` records each.
+
+  A shard is written as NAME.partial and renamed to NAME when closed, so a crash never leaves a truncated file
+  under a shard's final name (where an older manifest may still list it).
+  """
 
   def __init__(self, directory: str, records_per_shard: int, first_shard: int = 0):
     if records_per_shard <= 0:
@@ -95,15 +100,18 @@ class ShardWriter:
     """Appends one record; returns the file name of the shard this call completed, else None."""
     if self._writer is None:
       # group_size:1 keeps random access cheap (one record per chunk read), which grain's shuffling needs.
-      self._writer = ArrayRecordWriter(os.path.join(self.directory, SHARD_PATTERN.format(self.shard_index)),
-                                       "group_size:1")
+      self._writer = ArrayRecordWriter(self._path() + PARTIAL_SUFFIX, "group_size:1")
     self._writer.write(record)
     self.in_shard += 1
     return self._finish() if self.in_shard == self.records_per_shard else None
 
+  def _path(self) -> str:
+    return os.path.join(self.directory, SHARD_PATTERN.format(self.shard_index))
+
   def _finish(self) -> str:
     self._writer.close()
     self._writer = None
+    os.replace(self._path() + PARTIAL_SUFFIX, self._path())
     name = SHARD_PATTERN.format(self.shard_index)
     self.shard_index += 1
     self.in_shard = 0

@@ -13,8 +13,9 @@ Captions are embedded as they go with the frozen sentence encoder (models/senten
 
 Items with an undecodable or missing image, an empty caption or an unusable embedding are skipped and listed in
 DIR/manifest.json: {"written", "skipped", "skipped_items": [{"key", "reason"}], "shards", "inputs", ...}.
-The manifest is rewritten after every finished shard; rerunning the same command resumes after the last one
-(--overwrite starts afresh). Records get ids 0, 1, ... in input order (skipped items use up their id too).
+Shards are written as NAME.partial and renamed into place when finished; the manifest is rewritten (atomically)
+after every finished shard and only ever lists finished ones. Rerunning the same command resumes after the last
+one; --overwrite starts afresh, first replacing the manifest by an empty one, then deleting the old shards. Records get ids 0, 1, ... in input order (skipped items use up their id too).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import csv
 import json
 import logging
 import os
+import re
 import sys
 import tarfile
 from typing import Callable, Iterator, NamedTuple
@@ -128,6 +130,11 @@ def _load_state(output: str, inputs: list[str], overwrite: bool) -> dict:
   fresh = {"inputs": inputs, "shards": [], "written": 0, "skipped": 0, "skipped_items": [], "items_done": 0,
            "complete": False}
   if overwrite or not os.path.exists(path):
+    # The empty manifest goes in (atomically) before any shard file is touched: from here on the directory claims
+    # nothing it does not hold, whenever the run dies. Then the old shards can go.
+    _save_state(output, fresh)
+    if overwrite:
+      _remove_shard_files(output)
     return fresh
   state = shards.read_manifest(output)
   if state.get("inputs") != inputs:
@@ -136,10 +143,21 @@ def _load_state(output: str, inputs: list[str], overwrite: bool) -> dict:
   return state
 
 
+def _remove_shard_files(output: str, keep=()) -> None:
+  """Deletes the shard files (finished or partial) in `output` that are not in `keep`: only our own file names."""
+  pattern = re.compile(re.escape(shards.SHARD_PATTERN.format(0)).replace("00000", r"\d{5}")
+                       + f"({re.escape(shards.PARTIAL_SUFFIX)})?")
+  for name in os.listdir(output):
+    if pattern.fullmatch(name) and name not in keep:
+      os.remove(os.path.join(output, name))
+
+
 def _save_state(output: str, state: dict) -> None:
   path = os.path.join(output, "manifest.json")
   with open(path + ".tmp", "w") as f:
     json.dump(state, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + ".tmp", path)  # atomic: a crash leaves the previous consistent manifest
 
 
@@ -157,7 +175,7 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
   if state["complete"]:
     logging.info("%s is already complete (%d records)", output, state["written"])
     return state
-  # Resume point: right after the last finished shard; the stale partial shard after it is overwritten.
+  # Resume point: right after the last finished shard; the partial shard after it is rewritten.
   writer = shards.ShardWriter(output, records_per_shard, first_shard=len(state["shards"]))
   resume_from = state["items_done"]
   pending: list[tuple[int, Item]] = []
@@ -205,6 +223,7 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
     state["shards"].append(last)
   state.update(items_done=index, complete=True, embed_dim=embed_dim)
   _save_state(output, state)
+  _remove_shard_files(output, keep=state["shards"])  # a partial shard left by a crash with other settings
   return state
 
 
