@@ -1,14 +1,17 @@
 """Failure modes of caption shards: crashed --overwrite runs, bad bytes in records, huge ids, incomplete
 directories, mismatched --embeddings, decompression bombs, and the caption encoder's identity in the manifest."""
+import json
 import os
 
 import numpy as np
 import pytest
 
-from xsample_jax.data import shards
+from xsample_jax.data import augment, pipeline, shards, sources
 from xsample_jax.tools import make_shards as ms
 from tests.helpers import bow_embed
 from tests.test_data_shards import corrupt_inputs  # noqa: F401 (a fixture)
+
+AUG = augment.SimCLRAugment(size=16)
 
 
 def _claimed(out):
@@ -52,3 +55,51 @@ def test_a_crashed_overwrite_never_leaves_a_manifest_claiming_missing_records(tm
   m, records = _claimed(out)
   assert [r["key"] for r in records] == list(good)
   assert sorted(f for f in os.listdir(out) if f != "manifest.json") == ref["shards"]  # no stale or partial files
+
+
+def _png(seed, h=20, w=20):
+  import cv2
+  return cv2.imencode(".png", np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))[1].tobytes()
+
+
+def _raw_record(key: bytes, caption: bytes, image: bytes, emb: np.ndarray, rid: int) -> bytes:
+  """A record built byte by byte (encode_record only takes str): for key / caption bytes that are not UTF-8."""
+  emb = np.asarray(emb, "<f4")
+  return b"".join((shards._HEADER.pack(shards.MAGIC, len(key), len(caption), len(image), emb.size, 0, rid),
+                   key, caption, image, emb.tobytes()))
+
+
+def _write_dir(directory, records, **manifest):
+  """records: encoded bytes; a manifest as make_shards writes it (complete unless told)."""
+  writer = shards.ShardWriter(str(directory), records_per_shard=4)
+  names = [n for n in (writer.write(r) for r in records) if n] + [n for n in [writer.close()] if n]
+  (directory / "manifest.json").write_text(json.dumps({"shards": names, "written": len(records), "skipped": 0,
+                                                        "skipped_items": [], "complete": True, **manifest}))
+  return str(directory)
+
+
+def _good(i, rid=None):
+  cap = f"picture {i} of a boat"
+  return shards.encode_record(key=f"k{i}", caption=cap, image=_png(i), embedding=bow_embed([cap])[0],
+                              id=i if rid is None else rid)
+
+
+def test_invalid_utf8_key_or_caption_is_a_bad_record(tmp_path):
+  with pytest.raises(shards.BadRecordError, match="caption is not valid UTF-8"):
+    shards.decode_record(_raw_record(b"k", b"a b\xff\xfeat", b"\x01", np.zeros(3), 1))
+  with pytest.raises(shards.BadRecordError, match="key is not valid UTF-8"):
+    shards.decode_record(_raw_record(b"k\xc3(", b"a boat", b"\x01", np.zeros(3), 1))
+
+  emb = bow_embed(["a boat"])[0]
+  recs = [_good(i) for i in range(6)]
+  recs[1] = _raw_record(b"k1", b"a b\xff\xfeat", _png(1), emb, 1)
+  recs[4] = _raw_record(b"k\xc3(4", b"a boat", _png(4), emb, 4)
+  src = sources.CaptionShardSource(_write_dir(tmp_path, recs))
+  it = iter(pipeline.train_dataset(src, global_batch_size=2, augment=AUG, seed=0, num_epochs=1, process_index=0,
+                                   process_count=1))
+  ids = np.concatenate([b["id"][0::2] for b in it])
+  assert sorted(ids) == [0, 2, 3, 5] and it.skipped == 2
+  strict = pipeline.train_dataset(src, global_batch_size=6, augment=AUG, seed=0, num_epochs=1, process_index=0,
+                                  process_count=1, strict=True)
+  with pytest.raises(shards.BadRecordError, match=r"#[14]'.*(caption|key) is not valid UTF-8"):
+    next(iter(strict))

@@ -51,14 +51,21 @@ def decode_record(data: bytes) -> dict:
   if len(data) != _HEADER.size + nk + nc + ni + dim * dt.itemsize:
     raise BadRecordError(f"record length {len(data)} does not match its header")
   o = _HEADER.size
-  key = data[o:o + nk].decode("utf-8")
+  key = _text(data[o:o + nk], "key")
   o += nk
-  caption = data[o:o + nc].decode("utf-8")
+  caption = _text(data[o:o + nc], "caption")
   o += nc
   image = data[o:o + ni]
   o += ni
   emb = np.frombuffer(data, dt, count=dim, offset=o).astype(np.float32)
   return {"key": key, "caption": caption, "image": image, "caption_emb": emb, "id": rid}
+
+
+def _text(raw: bytes, field: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:  # a bad record like any other: the pipeline counts and skips it
+    raise BadRecordError(f"{field} is not valid UTF-8 ({e.reason} at byte {e.start}: {raw[:40]!r})") from None
 
 
 def decode_image(data: bytes) -> np.ndarray:
