@@ -147,8 +147,8 @@ def test_make_shards_cli_with_precomputed_embeddings(tmp_path, corrupt_inputs):
   assert manifest["written"] == len(good) - 1 and manifest["skipped"] == len(bad) + 1
   assert {"key": "wds.tar/00000", "reason": "caption embedding is not finite"} in manifest["skipped_items"]
   records = list(shards.iter_records(str(out)))
-  for r in records:  # row r["id"] of the .npy belongs to the item with that id
-    np.testing.assert_array_equal(r["caption_emb"], emb[r["id"]])
+  for r in records:  # row r["stored_id"] of the .npy belongs to the item with that id
+    np.testing.assert_array_equal(r["caption_emb"], emb[r["stored_id"]])
 
   np.save(tmp_path / "short.npy", emb[:-1])
   assert ms.main(["--input", inputs[0], "--input", inputs[1], "--output", str(tmp_path / "o2"), "--embeddings",

@@ -103,3 +103,18 @@ def test_invalid_utf8_key_or_caption_is_a_bad_record(tmp_path):
                                   process_count=1, strict=True)
   with pytest.raises(shards.BadRecordError, match=r"#[14]'.*(caption|key) is not valid UTF-8"):
     next(iter(strict))
+
+
+def test_ids_beyond_int32_are_folded_keeping_distinct_ids_distinct(tmp_path):
+  big = [2**31 + 5, 2**31 + 6, 2**31 - 1, 2**40, 2**63 - 1]
+  stored = [5, 6, 2**31 - 2] + big
+  directory = _write_dir(tmp_path, [_good(i, rid) for i, rid in enumerate(stored)])
+  recs = list(shards.iter_records(directory))
+  assert [r["stored_id"] for r in recs] == stored
+  assert [r["id"] for r in recs[:3]] == [5, 6, 2**31 - 2]  # ids that fit are left as they are
+  assert all(0 <= r["id"] < 2**31 - 1 for r in recs) and len({r["id"] for r in recs}) == len(stored)
+  src = sources.CaptionShardSource(directory)
+  batches = list(pipeline.train_dataset(src, global_batch_size=8, augment=AUG, seed=0, num_epochs=1,
+                                        process_index=0, process_count=1))
+  ids = np.concatenate([b["id"][0::2] for b in batches])
+  assert ids.dtype == np.int32 and sorted(ids) == sorted(r["id"] for r in recs)

@@ -5,6 +5,11 @@ One record = one captioned image:
   | key (utf-8) | caption (utf-8) | image (encoded bytes, as stored: JPEG/PNG/WebP) | embedding (little-endian)
 Fixed-width little-endian header, no pickle: readable from any language, safe to read untrusted data.
 
+Ids are stored as int64 (make_shards numbers items 0, 1, ...: past 2^31 at LAION scale), but batches carry int32 ids
+and only their equality within a batch matters, so `decode_record` gives "id" = `batch_id(stored id)`: ids in
+[0, 2^31 - 1) unchanged (no collisions below 2.1e9 items), others hashed into that range (two given ids collide with
+probability ~2^-31); the stored value is "stored_id".
+
 A shard directory holds `data-00000.array_record`, ... and `manifest.json` (written by `tools/make_shards.py`):
 {"shards": [...], "written": int, "skipped": int, "skipped_items": [{"key", "reason"}], "embed_dim": int, ...}.
 """
@@ -41,7 +46,8 @@ def encode_record(*, key: str, caption: str, image: bytes, embedding: np.ndarray
 
 
 def decode_record(data: bytes) -> dict:
-  """-> {"key", "caption", "image" (bytes), "caption_emb" float32 [emb_dim], "id"}; BadRecordError if malformed."""
+  """-> {"key", "caption", "image" (bytes), "caption_emb" float32 [emb_dim], "id" (int32-safe: `batch_id`),
+  "stored_id"}; BadRecordError if malformed."""
   if len(data) < _HEADER.size:
     raise BadRecordError(f"record of {len(data)} bytes is shorter than the header")
   magic, nk, nc, ni, dim, code, rid = _HEADER.unpack_from(data)
@@ -58,7 +64,21 @@ def decode_record(data: bytes) -> dict:
   image = data[o:o + ni]
   o += ni
   emb = np.frombuffer(data, dt, count=dim, offset=o).astype(np.float32)
-  return {"key": key, "caption": caption, "image": image, "caption_emb": emb, "id": rid}
+  return {"key": key, "caption": caption, "image": image, "caption_emb": emb, "id": batch_id(rid), "stored_id": rid}
+
+
+ID_RANGE = 2**31 - 1  # batch ids lie in [0, ID_RANGE): int32, and never the -1 of padding rows
+
+
+def batch_id(rid: int) -> int:
+  """An int64 id as an int32 batch id: itself if in [0, ID_RANGE), else a 64-bit mix (splitmix64's finaliser)
+  folded into that range, so ids that differ only in their high bits (or by a multiple of ID_RANGE) still differ."""
+  if 0 <= rid < ID_RANGE:
+    return rid
+  x = rid & 0xFFFFFFFFFFFFFFFF
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+  return (x ^ (x >> 31)) % ID_RANGE
 
 
 def _text(raw: bytes, field: str) -> str:
