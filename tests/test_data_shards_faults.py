@@ -140,3 +140,21 @@ def test_an_incomplete_directory_is_refused_unless_allowed_and_then_warned_about
   del manifest["complete"]
   (tmp_path / "manifest.json").write_text(json.dumps(manifest))
   assert len(sources.CaptionShardSource(directory)) == 6
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_embeddings_row_count_is_checked_before_anything_is_written(tmp_path, corrupt_inputs, capsys, extra):  # noqa: F811
+  inputs, good, bad = corrupt_inputs
+  np.save(tmp_path / "emb.npy", np.zeros((len(good) + len(bad) + extra, 384), np.float32))
+  args = ["--input", inputs[0], "--input", inputs[1], "--embeddings", str(tmp_path / "emb.npy"),
+          "--records-per-shard", "2"]
+  assert ms.main(args + ["--output", str(tmp_path / "new")]) == 1
+  assert f"has {len(good) + len(bad) + extra} rows but the inputs hold {len(good) + len(bad)} items" in \
+      capsys.readouterr().err
+  assert not (tmp_path / "new").exists()
+  # A finished directory is left as it is, --overwrite or not.
+  out = tmp_path / "out"
+  ms.make_shards(inputs, str(out), embed_fn=bow_embed, records_per_shard=4, progress=False)
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert ms.main(args + ["--output", str(out), "--overwrite"]) == 1
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -48,14 +48,9 @@ class Item(NamedTuple):
   problem: str | None  # a reason to skip found while reading (missing file, missing caption)
 
 
-def read_tar(path: str) -> Iterator[Item]:
-  """webdataset grouping: members sharing the basename up to the first dot form one sample."""
-  def finish(key, parts):
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    caption = parts["txt"].decode("utf-8", errors="replace").strip() if "txt" in parts else None
-    problem = "no image file" if image is None else "no caption file" if caption is None else None
-    return Item(f"{os.path.basename(path)}/{key}", caption, image, problem)
-
+def _tar_groups(path: str, read: bool = True) -> Iterator[tuple[str, dict]]:
+  """webdataset grouping: members sharing the basename up to the first dot form one sample -> (key, {ext: bytes})
+  (without read, the bytes are None: counting the samples reads only the member headers)."""
   key, parts = None, {}
   with tarfile.open(path, "r|*") as tar:  # streaming: no random access needed, works on huge shards
     for member in tar:
@@ -65,12 +60,20 @@ def read_tar(path: str) -> Iterator[Item]:
       stem, _, ext = base.partition(".")
       k = os.path.join(dirname, stem)
       if k != key and key is not None:
-        yield finish(key, parts)
+        yield key, parts
         parts = {}
       key = k
-      parts[ext.lower()] = tar.extractfile(member).read()
+      parts[ext.lower()] = tar.extractfile(member).read() if read else None
   if key is not None:
-    yield finish(key, parts)
+    yield key, parts
+
+
+def read_tar(path: str) -> Iterator[Item]:
+  for key, parts in _tar_groups(path):
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    caption = parts["txt"].decode("utf-8", errors="replace").strip() if "txt" in parts else None
+    problem = "no image file" if image is None else "no caption file" if caption is None else None
+    yield Item(f"{os.path.basename(path)}/{key}", caption, image, problem)
 
 
 def _column(header: list[str], given: str | None, candidates, what: str, path: str) -> str | None:
@@ -110,6 +113,16 @@ def read_items(path: str, image_column=None, caption_column=None) -> Iterator[It
     return read_tar(path)
   if path.endswith((".csv", ".tsv")):
     return read_table(path, image_column, caption_column)
+  raise ValueError(f"unsupported input {path}: expected a webdataset .tar or a .csv/.tsv")
+
+
+def count_items(path: str) -> int:
+  """How many items read_items(path) yields, without reading the images."""
+  if path.endswith(".tar"):
+    return sum(1 for _ in _tar_groups(path, read=False))
+  if path.endswith((".csv", ".tsv")):
+    with open(path, newline="", encoding="utf-8") as f:
+      return sum(1 for _ in csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
   raise ValueError(f"unsupported input {path}: expected a webdataset .tar or a .csv/.tsv")
 
 
@@ -170,6 +183,11 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
     raise ValueError("pass exactly one of embed_fn (embed as we go) and embeddings (precomputed, one row per item)")
   if embeddings is not None and (embeddings.ndim != 2 or embeddings.shape[1] != embed_dim):
     raise ValueError(f"embeddings have shape {embeddings.shape}, expected (n_items, {embed_dim})")
+  if embeddings is not None:  # before anything is written: counting reads only tar headers / CSV rows
+    n_items = sum(count_items(p) for p in inputs)
+    if n_items != len(embeddings):
+      raise ValueError(f"--embeddings has {len(embeddings)} rows but the inputs hold {n_items} items (one row per "
+                       "input item, in input order); nothing written")
   os.makedirs(output, exist_ok=True)
   state = _load_state(output, list(inputs), overwrite)
   if state["complete"]:
