@@ -158,3 +158,52 @@ def test_embeddings_row_count_is_checked_before_anything_is_written(tmp_path, co
   before = {p.name: p.read_bytes() for p in out.iterdir()}
   assert ms.main(args + ["--output", str(out), "--overwrite"]) == 1
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _png_claiming(width, height):
+  """A 1x1 PNG whose IHDR claims width x height (CRC fixed): a decompression bomb's header, cheaply."""
+  import struct
+  import zlib
+  data = bytearray(_png(0, 1, 1))
+  assert data[12:16] == b"IHDR"
+  data[16:24] = struct.pack(">II", width, height)
+  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+  return bytes(data)
+
+
+def test_images_above_the_pixel_cap_are_refused_from_their_header(tmp_path):
+  from PIL import Image
+  import io
+  assert Image.open(io.BytesIO(_png_claiming(9000, 9000))).size == (9000, 9000)  # a valid header
+  with pytest.raises(shards.BadRecordError, match=f"image of 9000 x 9000 pixels exceeds the cap of {2**26}"):
+    shards.decode_image(_png_claiming(9000, 9000))
+  with pytest.raises(shards.BadRecordError, match=f"exceeds the cap of {2**26}"):
+    shards.decode_image(_png_claiming(100_000, 100_000))
+  with pytest.raises(shards.BadRecordError, match="image of 20 x 10 pixels exceeds the cap of 100"):
+    shards.decode_image(_png(0, 10, 20), max_pixels=100)
+  assert shards.decode_image(_png(0, 10, 20)).shape == (10, 20, 3)
+  # make_shards skips such an item like any other undecodable one.
+  from tests.test_data_shards import _write_tar
+  _write_tar(tmp_path / "w.tar", [("0", {"png": _png_claiming(9000, 9000), "txt": b"a bomb"}),
+                                  ("1", {"png": _png(1), "txt": b"a boat"})])
+  m = ms.make_shards([str(tmp_path / "w.tar")], str(tmp_path / "out"), embed_fn=bow_embed, progress=False)
+  assert m["written"] == 1 and "exceeds the cap" in m["skipped_items"][0]["reason"]
+
+
+def test_max_side_downscales_larger_images_to_jpeg(tmp_path):
+  from tests.test_data_shards import _write_tar
+  small = _png(1, 24, 20)
+  _write_tar(tmp_path / "w.tar", [("0", {"png": _png(0, 60, 100), "txt": b"a wide boat"}),
+                                  ("1", {"png": small, "txt": b"a small boat"})])
+  out = tmp_path / "out"
+  assert ms.main(["--input", str(tmp_path / "w.tar"), "--output", str(out), "--embeddings",
+                  str(_save(tmp_path / "e.npy", np.ones((2, 384), np.float32))), "--max_side", "32"]) == 0
+  wide, kept = shards.iter_records(str(out))
+  assert bytes(wide["image"][:2]) == b"\xff\xd8" and shards.decode_image(wide["image"]).shape == (19, 32, 3)
+  assert bytes(kept["image"]) == small  # no larger than max_side: stored as it came
+  assert shards.read_manifest(str(out))["max_side"] == 32
+
+
+def _save(path, array):
+  np.save(path, array)
+  return path

@@ -15,6 +15,7 @@ A shard directory holds `data-00000.array_record`, ... and `manifest.json` (writ
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
+from PIL import Image
 
 MAGIC = b"XSR1"
 _HEADER = struct.Struct("<4sIIIIBq")
@@ -89,8 +91,29 @@ def _text(raw: bytes, field: str) -> str:
     raise BadRecordError(f"{field} is not valid UTF-8 ({e.reason} at byte {e.start}: {raw[:40]!r})") from None
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> uint8 RGB [H, W, 3]; BadRecordError if OpenCV cannot decode them."""
+MAX_PIXELS = 2**26  # 64 megapixels: a larger image is refused before it is decoded (a decompression bomb)
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+  """(width, height) from the image's header alone (PIL reads no pixels), or None if PIL cannot tell."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.size
+  except Image.DecompressionBombError:
+    raise
+  except Exception:  # noqa: BLE001 (not an image PIL knows: OpenCV gets to try, and to refuse)
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """Encoded image bytes -> uint8 RGB [H, W, 3]; BadRecordError if OpenCV cannot decode them or the header claims
+  more than max_pixels pixels (checked before decoding, so a decompression bomb costs a grain worker no memory)."""
+  try:
+    size = image_size(data) if len(data) else None
+  except Image.DecompressionBombError as e:  # beyond PIL's own limit (~179 megapixels), which is above ours
+    raise BadRecordError(f"image exceeds the cap of {max_pixels} pixels ({e})") from None
+  if size is not None and size[0] * size[1] > max_pixels:
+    raise BadRecordError(f"image of {size[0]} x {size[1]} pixels exceeds the cap of {max_pixels}")
   img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if len(data) else None
   if img is None or img.size == 0:
     raise BadRecordError(f"undecodable image ({len(data)} bytes)")

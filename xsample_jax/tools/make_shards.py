@@ -1,7 +1,7 @@
 """Converts captioned images into ArrayRecord caption shards (format: xsample_jax/data/shards.py).
 
   python -m xsample_jax.tools.make_shards --input cc3m-00000.tar [--input more.tar | pairs.csv ...] --output DIR \
-      [--records-per-shard 10000] [--embeddings captions.npy] [--model-dir DIR] [--batch-size 256]
+      [--records-per-shard 10000] [--embeddings captions.npy] [--model-dir DIR] [--batch-size 256] [--max-side N]
 
 Inputs, read in the order given:
   .tar       a webdataset shard as img2dataset writes it: KEY.jpg|jpeg|png|webp + KEY.txt [+ KEY.json]
@@ -11,11 +11,14 @@ Inputs, read in the order given:
 Captions are embedded as they go with the frozen sentence encoder (models/sentence_encoder.py), or taken from
 --embeddings: a float [n_items, 384] .npy, one row per input item in input order.
 
-Items with an undecodable or missing image, an empty caption or an unusable embedding are skipped and listed in
-DIR/manifest.json: {"written", "skipped", "skipped_items": [{"key", "reason"}], "shards", "inputs", ...}.
+Images larger than --max-side on their longer side are downscaled to it and re-encoded as JPEG (others are stored
+as they came). Items with an undecodable or missing image (or one over shards.MAX_PIXELS, read from its header), an
+empty caption or an unusable embedding are skipped and listed in DIR/manifest.json:
+{"written", "skipped", "skipped_items": [{"key", "reason"}], "shards", "inputs", "complete", ...}.
 Shards are written as NAME.partial and renamed into place when finished; the manifest is rewritten (atomically)
 after every finished shard and only ever lists finished ones. Rerunning the same command resumes after the last
-one; --overwrite starts afresh, first replacing the manifest by an empty one, then deleting the old shards. Records get ids 0, 1, ... in input order (skipped items use up their id too).
+one; --overwrite starts afresh, first replacing the manifest by an empty one, then deleting the old shards.
+Records get ids 0, 1, ... in input order (skipped items use up their id too).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import sys
 import tarfile
 from typing import Callable, Iterator, NamedTuple
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -126,22 +130,35 @@ def count_items(path: str) -> int:
   raise ValueError(f"unsupported input {path}: expected a webdataset .tar or a .csv/.tsv")
 
 
-def _check(item: Item) -> str | None:
+def _check(item: Item, max_side: int | None = None) -> tuple[Item, str | None]:
+  """(item, None) if usable, its image downscaled to max_side when larger; else (item, why not)."""
   if item.problem:
-    return item.problem
+    return item, item.problem
   if not item.caption or not item.caption.strip():
-    return "empty caption"
+    return item, "empty caption"
   try:
-    shards.decode_image(item.image)
+    rgb = shards.decode_image(item.image)
   except shards.BadRecordError as e:
-    return str(e)
-  return None
+    return item, str(e)
+  if max_side and max(rgb.shape[:2]) > max_side:
+    item = item._replace(image=downscale(rgb, max_side))
+  return item, None
 
 
-def _load_state(output: str, inputs: list[str], overwrite: bool) -> dict:
+def downscale(rgb: np.ndarray, max_side: int, quality: int = 95) -> bytes:
+  """JPEG bytes of `rgb` resized (area averaging, aspect kept) so that its longer side is max_side."""
+  h, w = rgb.shape[:2]
+  scale = max_side / max(h, w)
+  small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+  return cv2.imencode(".jpg", np.ascontiguousarray(small[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def _load_state(output: str, inputs: list[str], overwrite: bool, settings: dict) -> dict:
+  """The manifest to continue from; settings (how records are made) go into a fresh one, and a resumed one whose
+  settings differ is warned about (its records would mix two settings)."""
   path = os.path.join(output, "manifest.json")
   fresh = {"inputs": inputs, "shards": [], "written": 0, "skipped": 0, "skipped_items": [], "items_done": 0,
-           "complete": False}
+           "complete": False, **settings}
   if overwrite or not os.path.exists(path):
     # The empty manifest goes in (atomically) before any shard file is touched: from here on the directory claims
     # nothing it does not hold, whenever the run dies. Then the old shards can go.
@@ -153,6 +170,10 @@ def _load_state(output: str, inputs: list[str], overwrite: bool) -> dict:
   if state.get("inputs") != inputs:
     raise ValueError(f"{output} holds shards made from other inputs ({state.get('inputs')}); "
                      "use another --output or --overwrite")
+  for k, v in settings.items():
+    if k in state and state[k] != v and not state["complete"]:
+      logging.warning("%s was started with %s=%s, resumed with %s: its records will mix both (--overwrite to "
+                      "start afresh)", output, k, state[k], v)
   return state
 
 
@@ -177,8 +198,11 @@ def _save_state(output: str, state: dict) -> None:
 def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np.ndarray] | None = None,
                 embeddings: np.ndarray | None = None, records_per_shard: int = 10_000, embed_dim: int = EMBED_DIM,
                 batch_size: int = 256, image_column: str | None = None, caption_column: str | None = None,
-                overwrite: bool = False, progress: bool = True) -> dict:
-  """Converts `inputs` into shards in `output`; returns the manifest. Exactly one of embed_fn / embeddings."""
+                overwrite: bool = False, progress: bool = True, max_side: int | None = None) -> dict:
+  """Converts `inputs` into shards in `output`; returns the manifest. Exactly one of embed_fn / embeddings.
+
+  max_side: images with a longer side are downscaled to it and stored as JPEG (others are stored as they came).
+  """
   if (embed_fn is None) == (embeddings is None):
     raise ValueError("pass exactly one of embed_fn (embed as we go) and embeddings (precomputed, one row per item)")
   if embeddings is not None and (embeddings.ndim != 2 or embeddings.shape[1] != embed_dim):
@@ -189,7 +213,7 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
       raise ValueError(f"--embeddings has {len(embeddings)} rows but the inputs hold {n_items} items (one row per "
                        "input item, in input order); nothing written")
   os.makedirs(output, exist_ok=True)
-  state = _load_state(output, list(inputs), overwrite)
+  state = _load_state(output, list(inputs), overwrite, {"max_side": max_side})
   if state["complete"]:
     logging.info("%s is already complete (%d records)", output, state["written"])
     return state
@@ -200,7 +224,9 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
   bar = tqdm(desc="make_shards", unit="img", disable=not progress, initial=resume_from)
 
   def flush():
-    reasons = [_check(it) for _, it in pending]
+    checked = [_check(it, max_side) for _, it in pending]
+    pending[:] = [(i, it) for (i, _), (it, _) in zip(pending, checked)]
+    reasons = [r for _, r in checked]
     good = [(i, it) for (i, it), r in zip(pending, reasons) if r is None]
     emb = {}
     if good:
@@ -263,13 +289,15 @@ def main(argv=None) -> int:
   parser.add_argument("--image-column")
   parser.add_argument("--caption-column")
   parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+  parser.add_argument("--max-side", "--max_side", type=int, dest="max_side",
+                      help="downscale images whose longer side exceeds this (re-encoded as JPEG)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   for path in args.input:
     if not os.path.isfile(path):
       parser.error(f"--input {path} does not exist")
-  if args.records_per_shard < 1 or args.batch_size < 1:
-    parser.error("--records-per-shard and --batch-size must be >= 1")
+  if args.records_per_shard < 1 or args.batch_size < 1 or (args.max_side is not None and args.max_side < 1):
+    parser.error("--records-per-shard, --batch-size and --max-side must be >= 1")
   embeddings, embed_fn = None, None
   if args.embeddings:
     embeddings = np.load(args.embeddings, mmap_mode="r")
@@ -281,7 +309,7 @@ def main(argv=None) -> int:
     manifest = make_shards(args.input, args.output, embed_fn=embed_fn, embeddings=embeddings,
                            records_per_shard=args.records_per_shard, batch_size=args.batch_size,
                            image_column=args.image_column, caption_column=args.caption_column,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, max_side=args.max_side)
   except (ValueError, OSError, tarfile.TarError) as e:
     print(f"make_shards: {e}", file=sys.stderr)
     return 1
