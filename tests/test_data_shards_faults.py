@@ -207,3 +207,24 @@ def test_max_side_downscales_larger_images_to_jpeg(tmp_path):
 def _save(path, array):
   np.save(path, array)
   return path
+
+
+def test_the_manifest_names_the_caption_encoder(tmp_path, corrupt_inputs):  # noqa: F811
+  import hashlib
+  inputs, good, bad = corrupt_inputs
+  m = ms.make_shards(inputs, str(tmp_path / "fn"), embed_fn=bow_embed, progress=False)
+  assert m["encoder"] == {"encoder": "tests.helpers.bow_embed", "embed_dim": 384}
+  assert shards.read_manifest(str(tmp_path / "fn"))["encoder"] == m["encoder"]
+
+  emb = _save(tmp_path / "emb.npy", np.ones((len(good) + len(bad), 384), np.float32))
+  assert ms.main(["--input", inputs[0], "--input", inputs[1], "--output", str(tmp_path / "pre"),
+                  "--embeddings", str(emb)]) == 0
+  assert shards.read_manifest(str(tmp_path / "pre"))["encoder"] == {
+      "encoder": "precomputed", "file": os.path.abspath(emb), "embed_dim": 384}
+
+  model = tmp_path / "my-encoder"  # a --model-dir: named after its directory, weights by digest
+  model.mkdir()
+  (model / "model.safetensors").write_bytes(b"not really weights")
+  assert ms.sentence_encoder_identity(str(model)) == {
+      "encoder": "my-encoder", "weights_sha256": hashlib.sha256(b"not really weights").hexdigest()[:16],
+      "embed_dim": 384}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -198,10 +199,13 @@ def _save_state(output: str, state: dict) -> None:
 def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np.ndarray] | None = None,
                 embeddings: np.ndarray | None = None, records_per_shard: int = 10_000, embed_dim: int = EMBED_DIM,
                 batch_size: int = 256, image_column: str | None = None, caption_column: str | None = None,
-                overwrite: bool = False, progress: bool = True, max_side: int | None = None) -> dict:
+                overwrite: bool = False, progress: bool = True, max_side: int | None = None,
+                encoder: dict | None = None) -> dict:
   """Converts `inputs` into shards in `output`; returns the manifest. Exactly one of embed_fn / embeddings.
 
   max_side: images with a longer side are downscaled to it and stored as JPEG (others are stored as they came).
+  encoder: what made the caption embeddings, for the manifest's "encoder" (embed_dim is added); by default
+  embed_fn's qualified name, or "precomputed" (the CLI records the sentence encoder's weights digest or the file).
   """
   if (embed_fn is None) == (embeddings is None):
     raise ValueError("pass exactly one of embed_fn (embed as we go) and embeddings (precomputed, one row per item)")
@@ -213,7 +217,11 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
       raise ValueError(f"--embeddings has {len(embeddings)} rows but the inputs hold {n_items} items (one row per "
                        "input item, in input order); nothing written")
   os.makedirs(output, exist_ok=True)
-  state = _load_state(output, list(inputs), overwrite, {"max_side": max_side})
+  if encoder is None:
+    encoder = ({"encoder": "precomputed"} if embed_fn is None
+               else {"encoder": f"{getattr(embed_fn, '__module__', '?')}.{getattr(embed_fn, '__qualname__', '?')}"})
+  encoder = {**encoder, "embed_dim": embed_dim}
+  state = _load_state(output, list(inputs), overwrite, {"encoder": encoder, "max_side": max_side})
   if state["complete"]:
     logging.info("%s is already complete (%d records)", output, state["written"])
     return state
@@ -277,6 +285,21 @@ def _note_skip(state: dict, item: Item, reason: str) -> None:
   logging.warning("skipping %s: %s", item.key, reason)
 
 
+def sentence_encoder_identity(model_dir: str | None = None) -> dict:
+  """The manifest's "encoder" for models/sentence_encoder with `model_dir` (default: the packaged all-MiniLM-L6-v2):
+  a name and the first 16 hex digits of model.safetensors' sha256, so shards embedded with other weights show."""
+  if model_dir is None:
+    from xsample_jax.models.sentence_encoder import default_model_dir  # tools may use models; data/ may not
+    path, name = default_model_dir(), "all-MiniLM-L6-v2"
+  else:
+    path, name = model_dir, os.path.basename(os.path.normpath(model_dir))
+  digest = hashlib.sha256()
+  with open(os.path.join(path, "model.safetensors"), "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return {"encoder": name, "weights_sha256": digest.hexdigest()[:16], "embed_dim": EMBED_DIM}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m xsample_jax.tools.make_shards", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,17 +322,19 @@ def main(argv=None) -> int:
   if args.records_per_shard < 1 or args.batch_size < 1 or (args.max_side is not None and args.max_side < 1):
     parser.error("--records-per-shard, --batch-size and --max-side must be >= 1")
   embeddings, embed_fn = None, None
-  if args.embeddings:
-    embeddings = np.load(args.embeddings, mmap_mode="r")
-  else:
-    from xsample_jax.models.sentence_encoder import embed_texts  # tools may use models; data/ may not
-    def embed_fn(texts):
-      return embed_texts(texts, model_dir=args.model_dir, batch_size=args.batch_size)
   try:
+    if args.embeddings:
+      embeddings = np.load(args.embeddings, mmap_mode="r")
+      encoder = {"encoder": "precomputed", "file": os.path.abspath(args.embeddings)}
+    else:
+      from xsample_jax.models.sentence_encoder import embed_texts  # tools may use models; data/ may not
+      def embed_fn(texts):
+        return embed_texts(texts, model_dir=args.model_dir, batch_size=args.batch_size)
+      encoder = sentence_encoder_identity(args.model_dir)
     manifest = make_shards(args.input, args.output, embed_fn=embed_fn, embeddings=embeddings,
                            records_per_shard=args.records_per_shard, batch_size=args.batch_size,
                            image_column=args.image_column, caption_column=args.caption_column,
-                           overwrite=args.overwrite, max_side=args.max_side)
+                           overwrite=args.overwrite, max_side=args.max_side, encoder=encoder)
   except (ValueError, OSError, tarfile.TarError) as e:
     print(f"make_shards: {e}", file=sys.stderr)
     return 1
