@@ -1,4 +1,5 @@
 """make_shards (webdataset .tar and .csv inputs, corrupt files, resume, precomputed embeddings) and the record format."""
+import hashlib
 import importlib.util
 import io
 import json
@@ -147,8 +148,8 @@ def test_make_shards_cli_with_precomputed_embeddings(tmp_path, corrupt_inputs):
   assert manifest["written"] == len(good) - 1 and manifest["skipped"] == len(bad) + 1
   assert {"key": "wds.tar/00000", "reason": "caption embedding is not finite"} in manifest["skipped_items"]
   records = list(shards.iter_records(str(out)))
-  for r in records:  # row r["id"] of the .npy belongs to the item with that id
-    np.testing.assert_array_equal(r["caption_emb"], emb[r["id"]])
+  for r in records:  # row r["stored_id"] of the .npy belongs to the item with that id
+    np.testing.assert_array_equal(r["caption_emb"], emb[r["stored_id"]])
 
   np.save(tmp_path / "short.npy", emb[:-1])
   assert ms.main(["--input", inputs[0], "--input", inputs[1], "--output", str(tmp_path / "o2"), "--embeddings",
@@ -199,3 +200,7 @@ def test_make_shards_cli_embeds_with_the_sentence_encoder(tmp_path):
   np.testing.assert_allclose(got, embed_texts(captions), atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
   assert got[0] @ got[1] < 0.5  # unrelated captions are far apart: real embeddings, not noise
+  from xsample_jax.models.sentence_encoder import default_model_dir
+  weights = (default_model_dir() / "model.safetensors").read_bytes()
+  assert shards.read_manifest(str(tmp_path / "out"))["encoder"] == {
+      "encoder": "all-MiniLM-L6-v2", "weights_sha256": hashlib.sha256(weights).hexdigest()[:16], "embed_dim": 384}
