@@ -19,12 +19,15 @@ its embedding up in a K x E table embedded once per class list (`caption_table`,
                or gs:// (read through etils.epath); DIR/<split> is used when it exists.
 
 Caption embeddings come from the sentence encoder, but this package never imports models: whoever needs new
-embeddings passes `embed_fn(list[str]) -> float32 [n, E]` (tools wire in `models.sentence_encoder.embed_texts`).
+embeddings passes `embed_fn(list[str]) -> float32 [n, E]` (tools wire in `models.sentence_encoder.embed_texts`);
+its `identity` attribute (the encoder's weights digest and width) keys the cached tables (`embed_identity`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
+import json
 import logging
 import re
 import uuid
@@ -50,23 +53,58 @@ def _asset(name: str) -> str:
   return str(importlib.resources.files("xsample_jax.data") / "assets" / name)
 
 
-def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: str | None = None) -> np.ndarray:
-  """float32 [K, E] embeddings of `captions`, computed once with `embed_fn` and cached on disk by content hash.
+def _attr(fn, name: str):
+  """fn.name, called when it is a callable (computed only when needed: a weights digest), else None if absent."""
+  value = getattr(fn, name, None)
+  return value() if callable(value) else value
 
+
+def embed_identity(embed_fn: EmbedFn) -> tuple[object, int | None]:
+  """(identity, width) of an embed_fn, for caption_table's cache key.
+
+  identity: `embed_fn.identity` (a JSON-able value, or a zero-arg callable giving one: the sentence encoder's is
+  its name and a digest of its weights and width), else the function's module and qualified name (a lambda's is
+  just "<lambda>": give it an identity). width: the "width" of a dict identity, or None when unknown.
+  """
+  identity = _attr(embed_fn, "identity")
+  if identity is None:
+    fn, bound = embed_fn, {}
+    if isinstance(fn, functools.partial):  # its arguments (a model_dir) change the embeddings too
+      fn, bound = fn.func, {"args": repr(fn.args), "kwargs": repr(sorted(fn.keywords.items()))}
+    name = f"{getattr(fn, '__module__', None) or type(fn).__module__}." \
+           f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
+    identity = {"name": name, **bound}
+  width = identity.get("width") if isinstance(identity, dict) else None
+  return identity, (int(width) if width is not None else None)
+
+
+def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: str | None = None) -> np.ndarray:
+  """float32 [K, E] embeddings of `captions`, computed once with `embed_fn` and cached on disk.
+
+  The cache key is a hash of the encoder's identity and width (`embed_identity`) and the caption list as JSON (so
+  ["x\ny", "z"] and ["x", "y\nz"] differ): another encoder, other weights or another width never reads a table
+  made by this one. Without an embed_fn there is no identity, so nothing can be looked up.
   cache_dir may be local or gs://; the table is written under a unique temporary name and renamed into place, so
   concurrent processes (also on other hosts) never read a half-written one.
   """
   captions = list(captions)
-  digest = hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()[:16]
+  if embed_fn is None:
+    raise ValueError(f"no embed_fn to compute (or look up the cached) embeddings of these {len(captions)} captions "
+                     "(pass models.sentence_encoder.embed_texts)")
+  identity, width = embed_identity(embed_fn)
+  key = json.dumps({"encoder": identity, "captions": captions}, sort_keys=True, default=str)
+  digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
   path = epath.Path(cache_dir) / f"caption_emb_{digest}.npy" if cache_dir else None
   if path is not None and path.exists():
     with path.open("rb") as f:
       table = np.load(f)
-  elif embed_fn is None:
-    raise ValueError(f"no cached embeddings for these {len(captions)} captions{f' at {path}' if path else ''} "
-                     "and no embed_fn to compute them (pass models.sentence_encoder.embed_texts)")
+    if width is not None and (table.ndim != 2 or table.shape[1] != width):
+      raise ValueError(f"cached caption table {path} is {table.shape[-1]} wide, but its encoder {identity} embeds "
+                       f"{width} wide: the file is not this encoder's; delete it to recompute")
   else:
     table = np.asarray(embed_fn(captions), np.float32)
+    if width is not None and (table.ndim != 2 or table.shape[1] != width):
+      raise ValueError(f"embed_fn {identity} says it embeds {width} wide but returned shape {table.shape}")
     if path is not None:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.with_name(f"{path.name}.tmp.{uuid.uuid4().hex}")  # a pid alone can repeat across hosts
