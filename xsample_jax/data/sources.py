@@ -17,6 +17,8 @@ its embedding up in a K x E table embedded once per class list (`caption_table`,
                order); every .jpg/.jpeg/.png/.webp/.bmp file is an element holding its still-encoded bytes, keyed
                "<class>/<file>"; "golden_retriever" is captioned "a photo of a golden retriever". DIR may be local
                or gs:// (read through etils.epath); DIR/<split> is used when it exists.
+A label -1 (an unlabelled split: stl10's 'unlabelled') raises, or with unlabelled="instance" the element is trained
+as an instance with a caption embedding of its own (`InstanceLabelSource`).
 
 Caption embeddings come from the sentence encoder, but this package never imports models: whoever needs new
 embeddings passes `embed_fn(list[str]) -> float32 [n, E]` (tools wire in `models.sentence_encoder.embed_texts`);
@@ -116,12 +118,17 @@ def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: 
   return table.astype(np.float32)
 
 
+UNLABELLED = ("error", "instance")
+
+
 class LabelSource:
   """Labelled images; each image's caption is its class name in a template, embedded once per class.
 
   items: any picklable indexable whose items[i] is (image, label) or (image, label, fields): image uint8 [H, W, 3]
     or encoded bytes, label an int in [0, K), fields a dict of further int fields added to the element.
   keys: each element's name in logs and errors (default "NAME/i").
+  A label outside [0, K) raises when its element is read: -1 (an unlabelled split's) would otherwise index the
+  last class; `label_source(..., unlabelled="instance")` trains such elements as instances instead.
   """
 
   def __init__(self, items, class_names: Sequence[str], table: np.ndarray, name: str,
@@ -138,22 +145,76 @@ class LabelSource:
     return len(self._items)
 
   def __getitem__(self, index: int) -> dict:
+    return self.element(index)
+
+  def element(self, index: int, unlabelled: str = "error") -> dict:
+    """Element `index`; a label -1 raises, or with unlabelled="instance" gets `instance_caption`'s caption."""
     image, label, *fields = self._items[index]
     label = int(label)
     key = self._keys[index] if self._keys is not None else f"{self.name}/{index}"
-    return {**(fields[0] if fields else {}), "image": image, "caption_emb": self.table[label],
-            "caption": self.captions[label], "label": label, "id": int(index), "key": key}
+    if 0 <= label < len(self.class_names):
+      emb, caption = self.table[label], self.captions[label]
+    elif label == -1 and unlabelled == "instance":
+      emb, caption = instance_caption(key, self.table.shape[1])
+    elif label == -1:
+      raise ValueError(f"{self.name}: element {index} ({key}) has label -1: the split is unlabelled (e.g. stl10's "
+                       "'unlabelled'), so it has no class caption; train on a labelled split, or pass "
+                       "unlabelled='instance' (tfds_label_source, label_source) to train each unlabelled image "
+                       "as an instance with a caption embedding of its own")
+    else:
+      raise ValueError(f"{self.name}: element {index} ({key}) has label {label} outside its "
+                       f"{len(self.class_names)} classes")
+    return {**(fields[0] if fields else {}), "image": image, "caption_emb": emb, "caption": caption,
+            "label": label, "id": int(index), "key": key}
 
   def __repr__(self) -> str:
     return f"LabelSource({self.name!r}, n={len(self)}, classes={len(self.class_names)})"
 
 
+def instance_caption(key: str, width: int) -> tuple[np.ndarray, str]:
+  """(caption embedding, caption) of an unlabelled element: a unit float32 [width] vector seeded by its key (the
+  same on every read and host; random directions are nearly orthogonal to the class captions and to each other:
+  |cos| ~ 1/sqrt(width)), and a caption naming the element, non-empty and unique like the embedding."""
+  seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+  v = np.random.default_rng(seed).standard_normal(width)
+  return (v / np.linalg.norm(v)).astype(np.float32), f"unlabelled image {key}"
+
+
+class InstanceLabelSource:
+  """A `LabelSource` whose unlabelled elements (label -1) are trained as instances: each keeps label -1 and gets
+  `instance_caption`'s embedding of its own, so X-CLR's caption graph (target similarity = cosine of caption
+  embeddings) relates it to its own views only, while labelled elements keep their class caption. Deliberately
+  not a LabelSource: the trainer's 'auto' graph (train.graph_kind) is then that caption graph, not the K x K class
+  table, which has no row for -1 (and a label graph (SupCon) would make all unlabelled images one class)."""
+
+  def __init__(self, source: LabelSource):
+    self.source = source
+    self.class_names, self.captions, self.table, self.name = (source.class_names, source.captions, source.table,
+                                                              source.name)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source.element(index, unlabelled="instance")
+
+  def __repr__(self) -> str:
+    return f"InstanceLabelSource({self.source!r})"
+
+
 def label_source(items, class_names: Sequence[str], name: str, *, embed_fn: EmbedFn | None = None,
                  template: str = DEFAULT_TEMPLATE, cache_dir: str | None = None,
-                 keys: Sequence[str] | None = None) -> LabelSource:
-  """A `LabelSource` over `items` with the class-name caption table from `caption_table` (cached in cache_dir)."""
+                 keys: Sequence[str] | None = None, unlabelled: str = "error") -> LabelSource | InstanceLabelSource:
+  """A `LabelSource` over `items` with the class-name caption table from `caption_table` (cached in cache_dir).
+
+  unlabelled: what a label -1 means: "error" (reading it raises, naming the element) or "instance" (an
+  `InstanceLabelSource`: trained with a caption embedding of its own).
+  """
+  if unlabelled not in UNLABELLED:
+    raise ValueError(f"unlabelled={unlabelled!r}: expected one of {UNLABELLED}")
   table = caption_table([template.format(n) for n in class_names], embed_fn, cache_dir)
-  return LabelSource(items, class_names, table, name, template, keys)
+  source = LabelSource(items, class_names, table, name, template, keys)
+  return InstanceLabelSource(source) if unlabelled == "instance" else source
 
 
 class _TfdsPairs:
@@ -238,7 +299,7 @@ def _set_keys(features) -> list[str]:
 def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None,
                       template: str = DEFAULT_TEMPLATE, class_names: Sequence[str] | str | None = None,
                       cache_dir: str | None = None, image_key: str = "image", label_key: str | None = None,
-                      set_width: int = SET_WIDTH) -> LabelSource:
+                      set_width: int = SET_WIDTH, unlabelled: str = "error") -> LabelSource | InstanceLabelSource:
   """`tfds.data_source(name, split)` (ArrayRecord, no TensorFlow) with class-name caption embeddings.
 
   label_key: the int label; by default "label", or the dataset's one scalar ClassLabel when it has no "label"
@@ -247,7 +308,9 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
   class_names: readable names (a list, or a text file with one per line) in label order; by default the dataset's
   own label names, and for WordNet ids (imagenet2012's n01440764, ...) the curated ImageNet-1k names ("tench").
   The K x E table is cached in `cache_dir` (default: DATA_DIR/xsample_caption_emb) so `embed_fn` runs once per
-  (class names, template).
+  (encoder, class names, template).
+  unlabelled: label -1 (stl10's 'unlabelled' split) raises ("error": checked on the first example up front, so an
+  unlabelled split fails here, not mid-training) or is trained as an instance ("instance", see `label_source`).
   """
   import tensorflow_datasets as tfds  # heavy import; only label datasets need it
   src = tfds.data_source(name, split=split, data_dir=data_dir)
@@ -258,8 +321,11 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
   if len(names) != num_classes:
     raise ValueError(f"{len(names)} class names for {name}'s {num_classes} classes")
   pairs = _TfdsPairs(src, image_key, label_key, _set_keys(features), set_width)
-  return label_source(pairs, names, f"{name}/{split}", embed_fn=embed_fn, template=template,
-                      cache_dir=_cache_dir(cache_dir, data_dir))
+  source = label_source(pairs, names, f"{name}/{split}", embed_fn=embed_fn, template=template,
+                        cache_dir=_cache_dir(cache_dir, data_dir), unlabelled=unlabelled)
+  if unlabelled == "error" and len(source):
+    source[0]  # raises for an unlabelled split
+  return source
 
 
 def _cache_dir(cache_dir: str | None, data_dir: str | None) -> str | None:
@@ -431,7 +497,7 @@ def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_d
 
   split: the procedural split / TFDS split; for shards and folders, a subdirectory DIR/split if it exists, else DIR
   itself. kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation), `tfds_label_source`
-  or `folder_source` (template, class_names, cache_dir). Label sources cache their class caption table in
+  (template, class_names, cache_dir, unlabelled) or `folder_source` (template, class_names, cache_dir). Label sources cache their class caption table in
   cache_dir, by default DATA_DIR/xsample_caption_emb when data_dir is given.
   """
   kind, arg = parse_spec(spec)
