@@ -246,8 +246,41 @@ def padded_set(labels, width: int, what: str = "a label set") -> np.ndarray:
   return np.concatenate([labels, np.full(width - len(labels), -1, np.int32)])
 
 
-def _readable(name: str) -> str:
-  return name.replace("_", " ").strip()
+# Raw class names with a known, unambiguous readable part:
+_SUN397 = re.compile(r"/([a-z])/(\1[^/]*(?:/[^/]+)*)")  # sun397: /a/abbey, /a/apartment_building/outdoor
+_WNID_NAME = re.compile(r"n\d{8}-(.+)")  # stanford_dogs: n02085620-chihuahua
+_NUMBERED = re.compile(r"\d+\.([A-Za-z].*)")  # CUB-200's class folders: 001.Black_footed_Albatross
+_WNID = re.compile(r"\bn\d{8}\b")
+# TFDS datasets whose label names are codes with a known meaning: the curated readable names (assets/), used when
+# the dataset's names are exactly the codes the file expects ("0".."9").
+CURATED_NAMES = {"mnist": "digit_class_names.txt", "svhn_cropped": "digit_class_names.txt"}
+
+
+def readable_class_name(raw: str) -> str:
+  """A raw class name made readable: the known patterns above reduced to their name, "_" to spaces
+  ("/b/bus_interior" -> "bus interior", "n02085620-chihuahua" -> "chihuahua", "golden_retriever" -> "golden
+  retriever"); anything else only has its underscores replaced (`not_a_word` then judges it)."""
+  name = raw.strip()
+  if m := _SUN397.fullmatch(name):
+    name = m.group(2).replace("/", " ")
+  elif m := _WNID_NAME.fullmatch(name) or _NUMBERED.fullmatch(name):
+    name = m.group(1)
+  return " ".join(name.replace("_", " ").split())
+
+
+def not_a_word(name: str) -> str | None:
+  """Why `name` cannot go into a caption ("a photo of a 0"), or None. Not a word: empty, no letter at all ("0",
+  "12", "3.5": placeholders), a "/" (a path the rules above did not resolve) or a WordNet id (n02085620). Anything
+  with letters otherwise passes: "t-shirt", "o'brien", "3d printer"."""
+  if not name.strip():
+    return "is empty"
+  if not any(c.isalpha() for c in name):
+    return "has no letters"
+  if "/" in name:
+    return "is a path"
+  if _WNID.search(name):
+    return "holds a WordNet id"
+  return None
 
 
 def wordnet_names(wnids: Sequence[str]) -> list[str] | None:
@@ -260,21 +293,37 @@ def wordnet_names(wnids: Sequence[str]) -> list[str] | None:
   return None if None in names else names
 
 
-def _class_names(raw: Sequence[str], class_names: Sequence[str] | str | None, what: str) -> list[str]:
-  """Readable names in label order: `class_names` (a list, or a text file with one per line) when given, else the
-  raw names made readable, WordNet ids (n01440764, ...) becoming the curated ImageNet-1k names ("tench")."""
+def readable_class_names(raw: Sequence[str], class_names: Sequence[str] | str | None, what: str, *,
+                         dataset: str | None = None) -> list[str]:
+  """Readable names in label order: `class_names` (a list, or a text file with one per line) when given, taken as
+  given; else TFDS `dataset`'s curated names (CURATED_NAMES), or for WordNet ids (n01440764, ...) the curated
+  ImageNet-1k names ("tench"), else the raw names through `readable_class_name`, where a name that is then
+  `not_a_word` raises, pointing at the class_names= override."""
   if isinstance(class_names, str):
     return [line.strip() for line in epath.Path(class_names).read_text().splitlines() if line.strip()]
   if class_names is not None:
     return list(class_names)
   names = list(raw)
+  if dataset in CURATED_NAMES:
+    curated = epath.Path(_asset(CURATED_NAMES[dataset])).read_text().splitlines()
+    if names == [str(i) for i in range(len(curated))]:
+      return curated
   if any(re.fullmatch(r"n\d{8}", n) for n in names):
     readable = wordnet_names(names)
     if readable is None:
       raise ValueError(f"{what} are WordNet ids ({names[0]}, ...) outside ImageNet-1k; pass class_names= a list "
                        "or a file of readable names, one per line, in label order")
-    names = readable
-  return [_readable(n) for n in names]
+    return readable  # curated ("handrail / baluster": two names for one class)
+  names = [readable_class_name(n) for n in names]
+  bad = [(i, r, why) for i, (r, n) in enumerate(zip(raw, names)) if (why := not_a_word(n))]
+  if bad:
+    i, r, why = bad[0]
+    more = f" (and {len(bad) - 1} more: {', '.join(repr(b[1]) for b in bad[1:4])}{', ...' if len(bad) > 4 else ''})"
+    raise ValueError(f"{what}: class {r!r} (label {i}) is not a word ({why}){more if len(bad) > 1 else ''}, so "
+                     f"its caption would read {DEFAULT_TEMPLATE.format(r)!r}; pass class_names= (a list, or a "
+                     "text file of readable names, one per line, in label order) to tfds_label_source / "
+                     "folder_source / get_source")
+  return names
 
 
 def _label_key(features, name: str) -> str:
@@ -306,7 +355,9 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
   (imagenet2012_real: "original_label"). Every Sequence(ClassLabel) feature (imagenet2012_real: "real_label", the
   ReaL labels, possibly none) becomes an element field int32 [set_width] padded with -1; a longer set raises.
   class_names: readable names (a list, or a text file with one per line) in label order; by default the dataset's
-  own label names, and for WordNet ids (imagenet2012's n01440764, ...) the curated ImageNet-1k names ("tench").
+  own label names made readable (`readable_class_names`: WordNet ids such as imagenet2012's n01440764 -> "tench",
+  sun397's /b/bus_interior -> "bus interior", stanford_dogs' n02085620-chihuahua -> "chihuahua", mnist's digits
+  -> "digit zero", ...); names that are not words (an unprepared dataset's "0", "1", ...) raise.
   The K x E table is cached in `cache_dir` (default: DATA_DIR/xsample_caption_emb) so `embed_fn` runs once per
   (encoder, class names, template).
   unlabelled: label -1 (stl10's 'unlabelled' split) raises ("error": checked on the first example up front, so an
@@ -316,7 +367,8 @@ def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None,
   src = tfds.data_source(name, split=split, data_dir=data_dir)
   features = src.dataset_info.features
   label_key = label_key or _label_key(features, name)
-  names = _class_names(features[label_key].names, class_names, f"{name}'s label names")
+  names = readable_class_names(features[label_key].names, class_names, f"{name}'s label names",
+                               dataset=name.split(":")[0].split("/")[0])
   num_classes = features[label_key].num_classes
   if len(names) != num_classes:
     raise ValueError(f"{len(names)} class names for {name}'s {num_classes} classes")
@@ -366,13 +418,14 @@ def folder_source(directory: str, *, embed_fn: EmbedFn | None = None, template: 
   """An ImageFolder-style directory: DIR/<class>/<image file>, label = index of the class in sorted order.
 
   Class names are the sub-directory names made readable ("golden_retriever" -> "golden retriever"; WordNet-id
-  directories such as ImageNet's n01440764 -> "tench"), or `class_names` (a list or a file, in label order).
+  directories such as ImageNet's n01440764 -> "tench"; see `readable_class_names`), or `class_names` (a list or a
+  file, in label order), which directories that are not words ("0", "1", ...) need.
   Images are the files with an image suffix (any case), sorted, so the element order is deterministic; hidden
   entries are skipped. The class caption table is cached in `cache_dir` like `tfds_label_source`'s.
   """
   root = epath.Path(directory)
   classes = folder_classes(directory)
-  names = _class_names(classes, class_names, f"the class directories of {directory}")
+  names = readable_class_names(classes, class_names, f"the class directories of {directory}")
   if len(names) != len(classes):
     raise ValueError(f"{len(names)} class names for the {len(classes)} class directories of {directory}")
   keys, labels = [], []
