@@ -11,6 +11,17 @@ from jax.sharding import PartitionSpec as P
 from xsample_jax.data import augment, pipeline, shards, sources
 from tests.helpers import bow_embed
 
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def must_not_run(embed_fn):
+  """An embed_fn with embed_fn's identity (so its cached tables) that fails if the cache is not used."""
+  def fail(texts):
+    raise AssertionError(f"embed_fn ran on {len(texts)} texts: the cached table was not read")
+  fail.identity = sources.embed_identity(embed_fn)[0]
+  return fail
+
 AUG = augment.SimCLRAugment(size=16)
 
 
@@ -32,10 +43,13 @@ def _assert_same(a, b):
 
 def test_tfds_label_source_to_sharded_global_batch(mesh, tmp_path):
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-    src = sources.tfds_label_source("cifar10", "train", embed_fn=bow_embed, cache_dir=str(tmp_path))
-    assert len(src) == 40 and src.captions[3] == "a photo of a 3"
-    # The class table is cached: a second source needs no embed_fn.
-    again = sources.tfds_label_source("cifar10", "train", embed_fn=None, cache_dir=str(tmp_path))
+    # Unprepared (mock) cifar10's label names are the placeholders "0".."9": refused, so name them.
+    src = sources.tfds_label_source("cifar10", "train", embed_fn=bow_embed, cache_dir=str(tmp_path),
+                                    class_names=CIFAR10)
+    assert len(src) == 40 and src.captions[3] == "a photo of a cat"
+    # The class table is cached: a second source with the same encoder does not run it.
+    again = sources.tfds_label_source("cifar10", "train", embed_fn=must_not_run(bow_embed), cache_dir=str(tmp_path),
+                                      class_names=CIFAR10)
     np.testing.assert_array_equal(again.table, src.table)
     np.testing.assert_allclose(src.table, bow_embed(src.captions), atol=1e-6)
 
@@ -245,6 +259,6 @@ def test_get_source_from_config_strings(tmp_path, shards_with_bad_records):
   assert len(src) == 3 and src[0]["image"].shape == (16, 16, 3)
   assert len(sources.get_source(f"shards:{tmp_path}", "train")) == 12
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
-    assert len(sources.get_source("tfds:cifar10", "test", embed_fn=bow_embed)) == 5
+    assert len(sources.get_source("tfds:cifar10", "test", embed_fn=bow_embed, class_names=CIFAR10)) == 5
   with pytest.raises(ValueError, match="unknown data source"):
     sources.get_source("webdataset:/x", "train")

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from xsample_jax.data import augment, pipeline, sources
 from tests.helpers import bow_embed
+from tests.test_data import must_not_run
 
 AUG = augment.SimCLRAugment(size=16)
 CLASSES = ["cat", "golden_retriever", "zebra"]  # sorted: labels 0, 1, 2
@@ -70,9 +71,9 @@ def test_folder_source_elements(folder, tmp_path):
   copy = pickle.loads(pickle.dumps(src))  # what grain's worker processes receive
   assert copy[3]["key"] == ex["key"] and copy[3]["image"] == ex["image"]
 
-  # The class table is cached once; a second source loads it without an embed_fn.
+  # The class table is cached once; a second source with the same encoder loads it without running it.
   assert len(list(cache.iterdir())) == 1
-  again = sources.folder_source(str(folder), embed_fn=None, cache_dir=str(cache))
+  again = sources.folder_source(str(folder), embed_fn=must_not_run(bow_embed), cache_dir=str(cache))
   np.testing.assert_array_equal(again.table, src.table)
   assert len(list(cache.iterdir())) == 1
   # Through get_source the default cache is DATA_DIR/xsample_caption_emb.

@@ -1,6 +1,7 @@
 """The Flax all-MiniLM-L6-v2 against sentence-transformers' own embeddings (tests/fixtures, made with torch by
 tests/fixtures/make_minilm_reference.py), against a float64 NumPy BERT layer, and through the embed_text CLI."""
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -175,3 +176,21 @@ def test_read_lines(tmp_path):
     path = tmp_path / f"{i}.txt"
     path.write_bytes(text.encode())
     assert read_lines(path) == want, repr(text)
+
+
+@needs_weights
+def test_identity_names_the_weights_by_content(tmp_path):
+  ident = se.embed_texts.identity()
+  assert ident == se.encoder_identity(se.default_model_dir()) and ident["width"] == 384
+  assert ident["name"] == "xsample_jax.models.sentence_encoder" and len(ident["files_sha256"]) == 64
+  src = se.default_model_dir()
+  for d in ("same", "other"):
+    (tmp_path / d / "1_Pooling").mkdir(parents=True)
+    for name in se.IDENTITY_FILES:
+      (tmp_path / d / name).symlink_to(src / name)
+  assert se.encoder_identity(tmp_path / "same") == ident  # another path, the same files
+  config = json.loads((src / "config.json").read_text())
+  (tmp_path / "other" / "config.json").unlink()
+  (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-6}))
+  other = se.encoder_identity(tmp_path / "other")  # another setting: other embeddings
+  assert other["width"] == 384 and other["files_sha256"] != ident["files_sha256"]

@@ -141,6 +141,14 @@ def _embed_fn(texts):
   return sentence_encoder.embed_texts(texts)
 
 
+def _embed_identity():  # the caption tables' cache key (sources.caption_table): the encoder's weights and width
+  from xsample_jax.models import sentence_encoder
+  return sentence_encoder.encoder_identity()
+
+
+_embed_fn.identity = _embed_identity
+
+
 def get_source(config, spec: str, split: str, workdir: epath.Path | None = None):
   """A data source string (data.train, data.eval, an evaluator's) as a random-access source; class-name caption
   embeddings are computed once (by the frozen sentence encoder) and cached."""

@@ -17,14 +17,19 @@ its embedding up in a K x E table embedded once per class list (`caption_table`,
                order); every .jpg/.jpeg/.png/.webp/.bmp file is an element holding its still-encoded bytes, keyed
                "<class>/<file>"; "golden_retriever" is captioned "a photo of a golden retriever". DIR may be local
                or gs:// (read through etils.epath); DIR/<split> is used when it exists.
+A label -1 (an unlabelled split: stl10's 'unlabelled') raises, or with unlabelled="instance" the element is trained
+as an instance with a caption embedding of its own (`InstanceLabelSource`).
 
 Caption embeddings come from the sentence encoder, but this package never imports models: whoever needs new
-embeddings passes `embed_fn(list[str]) -> float32 [n, E]` (tools wire in `models.sentence_encoder.embed_texts`).
+embeddings passes `embed_fn(list[str]) -> float32 [n, E]` (tools wire in `models.sentence_encoder.embed_texts`);
+its `identity` attribute (the encoder's weights digest and width) keys the cached tables (`embed_identity`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
+import json
 import logging
 import re
 import uuid
@@ -50,23 +55,58 @@ def _asset(name: str) -> str:
   return str(importlib.resources.files("xsample_jax.data") / "assets" / name)
 
 
-def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: str | None = None) -> np.ndarray:
-  """float32 [K, E] embeddings of `captions`, computed once with `embed_fn` and cached on disk by content hash.
+def _attr(fn, name: str):
+  """fn.name, called when it is a callable (computed only when needed: a weights digest), else None if absent."""
+  value = getattr(fn, name, None)
+  return value() if callable(value) else value
 
+
+def embed_identity(embed_fn: EmbedFn) -> tuple[object, int | None]:
+  """(identity, width) of an embed_fn, for caption_table's cache key.
+
+  identity: `embed_fn.identity` (a JSON-able value, or a zero-arg callable giving one: the sentence encoder's is
+  its name and a digest of its weights and width), else the function's module and qualified name (a lambda's is
+  just "<lambda>": give it an identity). width: the "width" of a dict identity, or None when unknown.
+  """
+  identity = _attr(embed_fn, "identity")
+  if identity is None:
+    fn, bound = embed_fn, {}
+    if isinstance(fn, functools.partial):  # its arguments (a model_dir) change the embeddings too
+      fn, bound = fn.func, {"args": repr(fn.args), "kwargs": repr(sorted(fn.keywords.items()))}
+    name = f"{getattr(fn, '__module__', None) or type(fn).__module__}." \
+           f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
+    identity = {"name": name, **bound}
+  width = identity.get("width") if isinstance(identity, dict) else None
+  return identity, (int(width) if width is not None else None)
+
+
+def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: str | None = None) -> np.ndarray:
+  """float32 [K, E] embeddings of `captions`, computed once with `embed_fn` and cached on disk.
+
+  The cache key is a hash of the encoder's identity and width (`embed_identity`) and the caption list as JSON (so
+  ["x\ny", "z"] and ["x", "y\nz"] differ): another encoder, other weights or another width never reads a table
+  made by this one. Without an embed_fn there is no identity, so nothing can be looked up.
   cache_dir may be local or gs://; the table is written under a unique temporary name and renamed into place, so
   concurrent processes (also on other hosts) never read a half-written one.
   """
   captions = list(captions)
-  digest = hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()[:16]
+  if embed_fn is None:
+    raise ValueError(f"no embed_fn to compute (or look up the cached) embeddings of these {len(captions)} captions "
+                     "(pass models.sentence_encoder.embed_texts)")
+  identity, width = embed_identity(embed_fn)
+  key = json.dumps({"encoder": identity, "captions": captions}, sort_keys=True, default=str)
+  digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
   path = epath.Path(cache_dir) / f"caption_emb_{digest}.npy" if cache_dir else None
   if path is not None and path.exists():
     with path.open("rb") as f:
       table = np.load(f)
-  elif embed_fn is None:
-    raise ValueError(f"no cached embeddings for these {len(captions)} captions{f' at {path}' if path else ''} "
-                     "and no embed_fn to compute them (pass models.sentence_encoder.embed_texts)")
+    if width is not None and (table.ndim != 2 or table.shape[1] != width):
+      raise ValueError(f"cached caption table {path} is {table.shape[-1]} wide, but its encoder {identity} embeds "
+                       f"{width} wide: the file is not this encoder's; delete it to recompute")
   else:
     table = np.asarray(embed_fn(captions), np.float32)
+    if width is not None and (table.ndim != 2 or table.shape[1] != width):
+      raise ValueError(f"embed_fn {identity} says it embeds {width} wide but returned shape {table.shape}")
     if path is not None:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.with_name(f"{path.name}.tmp.{uuid.uuid4().hex}")  # a pid alone can repeat across hosts
@@ -78,12 +118,17 @@ def caption_table(captions: Sequence[str], embed_fn: EmbedFn | None, cache_dir: 
   return table.astype(np.float32)
 
 
+UNLABELLED = ("error", "instance")
+
+
 class LabelSource:
   """Labelled images; each image's caption is its class name in a template, embedded once per class.
 
   items: any picklable indexable whose items[i] is (image, label) or (image, label, fields): image uint8 [H, W, 3]
     or encoded bytes, label an int in [0, K), fields a dict of further int fields added to the element.
   keys: each element's name in logs and errors (default "NAME/i").
+  A label outside [0, K) raises when its element is read: -1 (an unlabelled split's) would otherwise index the
+  last class; `label_source(..., unlabelled="instance")` trains such elements as instances instead.
   """
 
   def __init__(self, items, class_names: Sequence[str], table: np.ndarray, name: str,
@@ -100,22 +145,76 @@ class LabelSource:
     return len(self._items)
 
   def __getitem__(self, index: int) -> dict:
+    return self.element(index)
+
+  def element(self, index: int, unlabelled: str = "error") -> dict:
+    """Element `index`; a label -1 raises, or with unlabelled="instance" gets `instance_caption`'s caption."""
     image, label, *fields = self._items[index]
     label = int(label)
     key = self._keys[index] if self._keys is not None else f"{self.name}/{index}"
-    return {**(fields[0] if fields else {}), "image": image, "caption_emb": self.table[label],
-            "caption": self.captions[label], "label": label, "id": int(index), "key": key}
+    if 0 <= label < len(self.class_names):
+      emb, caption = self.table[label], self.captions[label]
+    elif label == -1 and unlabelled == "instance":
+      emb, caption = instance_caption(key, self.table.shape[1])
+    elif label == -1:
+      raise ValueError(f"{self.name}: element {index} ({key}) has label -1: the split is unlabelled (e.g. stl10's "
+                       "'unlabelled'), so it has no class caption; train on a labelled split, or pass "
+                       "unlabelled='instance' (tfds_label_source, label_source) to train each unlabelled image "
+                       "as an instance with a caption embedding of its own")
+    else:
+      raise ValueError(f"{self.name}: element {index} ({key}) has label {label} outside its "
+                       f"{len(self.class_names)} classes")
+    return {**(fields[0] if fields else {}), "image": image, "caption_emb": emb, "caption": caption,
+            "label": label, "id": int(index), "key": key}
 
   def __repr__(self) -> str:
     return f"LabelSource({self.name!r}, n={len(self)}, classes={len(self.class_names)})"
 
 
+def instance_caption(key: str, width: int) -> tuple[np.ndarray, str]:
+  """(caption embedding, caption) of an unlabelled element: a unit float32 [width] vector seeded by its key (the
+  same on every read and host; random directions are nearly orthogonal to the class captions and to each other:
+  |cos| ~ 1/sqrt(width)), and a caption naming the element, non-empty and unique like the embedding."""
+  seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+  v = np.random.default_rng(seed).standard_normal(width)
+  return (v / np.linalg.norm(v)).astype(np.float32), f"unlabelled image {key}"
+
+
+class InstanceLabelSource:
+  """A `LabelSource` whose unlabelled elements (label -1) are trained as instances: each keeps label -1 and gets
+  `instance_caption`'s embedding of its own, so X-CLR's caption graph (target similarity = cosine of caption
+  embeddings) relates it to its own views only, while labelled elements keep their class caption. Deliberately
+  not a LabelSource: the trainer's 'auto' graph (train.graph_kind) is then that caption graph, not the K x K class
+  table, which has no row for -1 (and a label graph (SupCon) would make all unlabelled images one class)."""
+
+  def __init__(self, source: LabelSource):
+    self.source = source
+    self.class_names, self.captions, self.table, self.name = (source.class_names, source.captions, source.table,
+                                                              source.name)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source.element(index, unlabelled="instance")
+
+  def __repr__(self) -> str:
+    return f"InstanceLabelSource({self.source!r})"
+
+
 def label_source(items, class_names: Sequence[str], name: str, *, embed_fn: EmbedFn | None = None,
                  template: str = DEFAULT_TEMPLATE, cache_dir: str | None = None,
-                 keys: Sequence[str] | None = None) -> LabelSource:
-  """A `LabelSource` over `items` with the class-name caption table from `caption_table` (cached in cache_dir)."""
+                 keys: Sequence[str] | None = None, unlabelled: str = "error") -> LabelSource | InstanceLabelSource:
+  """A `LabelSource` over `items` with the class-name caption table from `caption_table` (cached in cache_dir).
+
+  unlabelled: what a label -1 means: "error" (reading it raises, naming the element) or "instance" (an
+  `InstanceLabelSource`: trained with a caption embedding of its own).
+  """
+  if unlabelled not in UNLABELLED:
+    raise ValueError(f"unlabelled={unlabelled!r}: expected one of {UNLABELLED}")
   table = caption_table([template.format(n) for n in class_names], embed_fn, cache_dir)
-  return LabelSource(items, class_names, table, name, template, keys)
+  source = LabelSource(items, class_names, table, name, template, keys)
+  return InstanceLabelSource(source) if unlabelled == "instance" else source
 
 
 class _TfdsPairs:
@@ -147,8 +246,41 @@ def padded_set(labels, width: int, what: str = "a label set") -> np.ndarray:
   return np.concatenate([labels, np.full(width - len(labels), -1, np.int32)])
 
 
-def _readable(name: str) -> str:
-  return name.replace("_", " ").strip()
+# Raw class names with a known, unambiguous readable part:
+_SUN397 = re.compile(r"/([a-z])/(\1[^/]*(?:/[^/]+)*)")  # sun397: /a/abbey, /a/apartment_building/outdoor
+_WNID_NAME = re.compile(r"n\d{8}-(.+)")  # stanford_dogs: n02085620-chihuahua
+_NUMBERED = re.compile(r"\d+\.([A-Za-z].*)")  # CUB-200's class folders: 001.Black_footed_Albatross
+_WNID = re.compile(r"\bn\d{8}\b")
+# TFDS datasets whose label names are codes with a known meaning: the curated readable names (assets/), used when
+# the dataset's names are exactly the codes the file expects ("0".."9").
+CURATED_NAMES = {"mnist": "digit_class_names.txt", "svhn_cropped": "digit_class_names.txt"}
+
+
+def readable_class_name(raw: str) -> str:
+  """A raw class name made readable: the known patterns above reduced to their name, "_" to spaces
+  ("/b/bus_interior" -> "bus interior", "n02085620-chihuahua" -> "chihuahua", "golden_retriever" -> "golden
+  retriever"); anything else only has its underscores replaced (`not_a_word` then judges it)."""
+  name = raw.strip()
+  if m := _SUN397.fullmatch(name):
+    name = m.group(2).replace("/", " ")
+  elif m := _WNID_NAME.fullmatch(name) or _NUMBERED.fullmatch(name):
+    name = m.group(1)
+  return " ".join(name.replace("_", " ").split())
+
+
+def not_a_word(name: str) -> str | None:
+  """Why `name` cannot go into a caption ("a photo of a 0"), or None. Not a word: empty, no letter at all ("0",
+  "12", "3.5": placeholders), a "/" (a path the rules above did not resolve) or a WordNet id (n02085620). Anything
+  with letters otherwise passes: "t-shirt", "o'brien", "3d printer"."""
+  if not name.strip():
+    return "is empty"
+  if not any(c.isalpha() for c in name):
+    return "has no letters"
+  if "/" in name:
+    return "is a path"
+  if _WNID.search(name):
+    return "holds a WordNet id"
+  return None
 
 
 def wordnet_names(wnids: Sequence[str]) -> list[str] | None:
@@ -161,21 +293,37 @@ def wordnet_names(wnids: Sequence[str]) -> list[str] | None:
   return None if None in names else names
 
 
-def _class_names(raw: Sequence[str], class_names: Sequence[str] | str | None, what: str) -> list[str]:
-  """Readable names in label order: `class_names` (a list, or a text file with one per line) when given, else the
-  raw names made readable, WordNet ids (n01440764, ...) becoming the curated ImageNet-1k names ("tench")."""
+def readable_class_names(raw: Sequence[str], class_names: Sequence[str] | str | None, what: str, *,
+                         dataset: str | None = None) -> list[str]:
+  """Readable names in label order: `class_names` (a list, or a text file with one per line) when given, taken as
+  given; else TFDS `dataset`'s curated names (CURATED_NAMES), or for WordNet ids (n01440764, ...) the curated
+  ImageNet-1k names ("tench"), else the raw names through `readable_class_name`, where a name that is then
+  `not_a_word` raises, pointing at the class_names= override."""
   if isinstance(class_names, str):
     return [line.strip() for line in epath.Path(class_names).read_text().splitlines() if line.strip()]
   if class_names is not None:
     return list(class_names)
   names = list(raw)
+  if dataset in CURATED_NAMES:
+    curated = epath.Path(_asset(CURATED_NAMES[dataset])).read_text().splitlines()
+    if names == [str(i) for i in range(len(curated))]:
+      return curated
   if any(re.fullmatch(r"n\d{8}", n) for n in names):
     readable = wordnet_names(names)
     if readable is None:
       raise ValueError(f"{what} are WordNet ids ({names[0]}, ...) outside ImageNet-1k; pass class_names= a list "
                        "or a file of readable names, one per line, in label order")
-    names = readable
-  return [_readable(n) for n in names]
+    return readable  # curated ("handrail / baluster": two names for one class)
+  names = [readable_class_name(n) for n in names]
+  bad = [(i, r, why) for i, (r, n) in enumerate(zip(raw, names)) if (why := not_a_word(n))]
+  if bad:
+    i, r, why = bad[0]
+    more = f" (and {len(bad) - 1} more: {', '.join(repr(b[1]) for b in bad[1:4])}{', ...' if len(bad) > 4 else ''})"
+    raise ValueError(f"{what}: class {r!r} (label {i}) is not a word ({why}){more if len(bad) > 1 else ''}, so "
+                     f"its caption would read {DEFAULT_TEMPLATE.format(r)!r}; pass class_names= (a list, or a "
+                     "text file of readable names, one per line, in label order) to tfds_label_source / "
+                     "folder_source / get_source")
+  return names
 
 
 def _label_key(features, name: str) -> str:
@@ -200,28 +348,36 @@ def _set_keys(features) -> list[str]:
 def tfds_label_source(name: str, split: str, *, embed_fn: EmbedFn | None = None, data_dir: str | None = None,
                       template: str = DEFAULT_TEMPLATE, class_names: Sequence[str] | str | None = None,
                       cache_dir: str | None = None, image_key: str = "image", label_key: str | None = None,
-                      set_width: int = SET_WIDTH) -> LabelSource:
+                      set_width: int = SET_WIDTH, unlabelled: str = "error") -> LabelSource | InstanceLabelSource:
   """`tfds.data_source(name, split)` (ArrayRecord, no TensorFlow) with class-name caption embeddings.
 
   label_key: the int label; by default "label", or the dataset's one scalar ClassLabel when it has no "label"
   (imagenet2012_real: "original_label"). Every Sequence(ClassLabel) feature (imagenet2012_real: "real_label", the
   ReaL labels, possibly none) becomes an element field int32 [set_width] padded with -1; a longer set raises.
   class_names: readable names (a list, or a text file with one per line) in label order; by default the dataset's
-  own label names, and for WordNet ids (imagenet2012's n01440764, ...) the curated ImageNet-1k names ("tench").
+  own label names made readable (`readable_class_names`: WordNet ids such as imagenet2012's n01440764 -> "tench",
+  sun397's /b/bus_interior -> "bus interior", stanford_dogs' n02085620-chihuahua -> "chihuahua", mnist's digits
+  -> "digit zero", ...); names that are not words (an unprepared dataset's "0", "1", ...) raise.
   The K x E table is cached in `cache_dir` (default: DATA_DIR/xsample_caption_emb) so `embed_fn` runs once per
-  (class names, template).
+  (encoder, class names, template).
+  unlabelled: label -1 (stl10's 'unlabelled' split) raises ("error": checked on the first example up front, so an
+  unlabelled split fails here, not mid-training) or is trained as an instance ("instance", see `label_source`).
   """
   import tensorflow_datasets as tfds  # heavy import; only label datasets need it
   src = tfds.data_source(name, split=split, data_dir=data_dir)
   features = src.dataset_info.features
   label_key = label_key or _label_key(features, name)
-  names = _class_names(features[label_key].names, class_names, f"{name}'s label names")
+  names = readable_class_names(features[label_key].names, class_names, f"{name}'s label names",
+                               dataset=name.split(":")[0].split("/")[0])
   num_classes = features[label_key].num_classes
   if len(names) != num_classes:
     raise ValueError(f"{len(names)} class names for {name}'s {num_classes} classes")
   pairs = _TfdsPairs(src, image_key, label_key, _set_keys(features), set_width)
-  return label_source(pairs, names, f"{name}/{split}", embed_fn=embed_fn, template=template,
-                      cache_dir=_cache_dir(cache_dir, data_dir))
+  source = label_source(pairs, names, f"{name}/{split}", embed_fn=embed_fn, template=template,
+                        cache_dir=_cache_dir(cache_dir, data_dir), unlabelled=unlabelled)
+  if unlabelled == "error" and len(source):
+    source[0]  # raises for an unlabelled split
+  return source
 
 
 def _cache_dir(cache_dir: str | None, data_dir: str | None) -> str | None:
@@ -262,13 +418,14 @@ def folder_source(directory: str, *, embed_fn: EmbedFn | None = None, template: 
   """An ImageFolder-style directory: DIR/<class>/<image file>, label = index of the class in sorted order.
 
   Class names are the sub-directory names made readable ("golden_retriever" -> "golden retriever"; WordNet-id
-  directories such as ImageNet's n01440764 -> "tench"), or `class_names` (a list or a file, in label order).
+  directories such as ImageNet's n01440764 -> "tench"; see `readable_class_names`), or `class_names` (a list or a
+  file, in label order), which directories that are not words ("0", "1", ...) need.
   Images are the files with an image suffix (any case), sorted, so the element order is deterministic; hidden
   entries are skipped. The class caption table is cached in `cache_dir` like `tfds_label_source`'s.
   """
   root = epath.Path(directory)
   classes = folder_classes(directory)
-  names = _class_names(classes, class_names, f"the class directories of {directory}")
+  names = readable_class_names(classes, class_names, f"the class directories of {directory}")
   if len(names) != len(classes):
     raise ValueError(f"{len(names)} class names for the {len(classes)} class directories of {directory}")
   keys, labels = [], []
@@ -393,7 +550,7 @@ def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_d
 
   split: the procedural split / TFDS split; for shards and folders, a subdirectory DIR/split if it exists, else DIR
   itself. kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation), `tfds_label_source`
-  or `folder_source` (template, class_names, cache_dir). Label sources cache their class caption table in
+  (template, class_names, cache_dir, unlabelled) or `folder_source` (template, class_names, cache_dir). Label sources cache their class caption table in
   cache_dir, by default DATA_DIR/xsample_caption_emb when data_dir is given.
   """
   kind, arg = parse_spec(spec)

