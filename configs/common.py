@@ -42,8 +42,12 @@ def base() -> ml_collections.ConfigDict:
   c.data.data_dir = _optional_str()  # TFDS data_dir
   c.data.cache_dir = _optional_str()  # class-name caption embeddings; default DATA_DIR/xsample_caption_emb or WORKDIR
   c.data.template = "a photo of a {}"  # class-name caption of label datasets
+  c.data.class_names = _optional_str()  # data.train's class names, a file of one per line in label order (where the
+  #   dataset's own names are codes or placeholders: '0'..'9', '/a/abbey', ...)
+  c.data.unlabelled = "error"  # tfds examples with label -1 (e.g. stl10 'unlabelled'): 'error' | 'instance' (each its own caption)
   c.data.num_workers = 0  # grain worker processes (augmentation runs there)
   c.data.read_threads = 8
+  c.data.allow_incomplete_shards = False  # shards:DIR that make_shards has not finished: refused unless True
   c.data.strict = False  # True: a bad record stops training instead of being skipped and counted
   c.data.max_bad_in_a_row = 1000  # stop when this many records in a row are bad (a dataset-wide problem) ...
   c.data.max_bad_fraction = 0.5  # ... or when more than this fraction of the records read are bad

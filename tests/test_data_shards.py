@@ -1,5 +1,4 @@
 """make_shards (webdataset .tar and .csv inputs, corrupt files, resume, precomputed embeddings) and the record format."""
-import hashlib
 import importlib.util
 import io
 import json
@@ -200,7 +199,5 @@ def test_make_shards_cli_embeds_with_the_sentence_encoder(tmp_path):
   np.testing.assert_allclose(got, embed_texts(captions), atol=1e-5, rtol=0)
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
   assert got[0] @ got[1] < 0.5  # unrelated captions are far apart: real embeddings, not noise
-  from xsample_jax.models.sentence_encoder import default_model_dir
-  weights = (default_model_dir() / "model.safetensors").read_bytes()
-  assert shards.read_manifest(str(tmp_path / "out"))["encoder"] == {
-      "encoder": "all-MiniLM-L6-v2", "weights_sha256": hashlib.sha256(weights).hexdigest()[:16], "embed_dim": 384}
+  from xsample_jax.models.sentence_encoder import encoder_identity
+  assert shards.read_manifest(str(tmp_path / "out"))["encoder"] == {"encoder": encoder_identity(), "embed_dim": 384}

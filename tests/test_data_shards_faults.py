@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from xsample_jax import train
 from xsample_jax.data import augment, pipeline, shards, sources
 from xsample_jax.tools import make_shards as ms
-from tests.helpers import bow_embed
+from tests.helpers import bow_embed, tiny_config
 from tests.test_data_shards import corrupt_inputs  # noqa: F401 (a fixture)
 
 AUG = augment.SimCLRAugment(size=16)
@@ -124,17 +125,16 @@ def test_an_incomplete_directory_is_refused_unless_allowed_and_then_warned_about
   directory = _write_dir(tmp_path, [_good(i) for i in range(6)], complete=False)
   with pytest.raises(ValueError, match=rf"{tmp_path}.*complete: false.*6 records in 2 shards.*allow_incomplete"):
     sources.CaptionShardSource(directory)
-  with pytest.raises(ValueError, match="XSAMPLE_ALLOW_INCOMPLETE_SHARDS=1"):
+  with pytest.raises(ValueError, match="allow_incomplete_shards=true"):
     list(shards.iter_records(directory))
   with caplog.at_level("WARNING"):
     assert len(list(shards.iter_records(directory, allow_incomplete=True))) == 6
   assert any(directory in r.getMessage() and "6 records in 2 shards" in r.getMessage() for r in caplog.records)
   caplog.clear()
-  monkeypatch.setenv("XSAMPLE_ALLOW_INCOMPLETE_SHARDS", "1")  # reaches get_source / the trainer
-  with caplog.at_level("WARNING"):
-    assert len(sources.get_source(f"shards:{directory}", "train")) == 6
+  config = tiny_config(**{"data.train": f"shards:{directory}", "data.allow_incomplete_shards": True})
+  with caplog.at_level("WARNING"):  # the trainer's source, as a run's config asks
+    assert len(train.get_source(config, config.data.train, "train")) == 6
   assert any("INCOMPLETE" in r.getMessage() for r in caplog.records)
-  monkeypatch.delenv("XSAMPLE_ALLOW_INCOMPLETE_SHARDS")
   # A manifest without the flag (written by hand, or by an older make_shards) is read as before.
   manifest = json.loads((tmp_path / "manifest.json").read_text())
   del manifest["complete"]
@@ -210,10 +210,9 @@ def _save(path, array):
 
 
 def test_the_manifest_names_the_caption_encoder(tmp_path, corrupt_inputs):  # noqa: F811
-  import hashlib
   inputs, good, bad = corrupt_inputs
   m = ms.make_shards(inputs, str(tmp_path / "fn"), embed_fn=bow_embed, progress=False)
-  assert m["encoder"] == {"encoder": "tests.helpers.bow_embed", "embed_dim": 384}
+  assert m["encoder"] == {"encoder": {"name": "tests.helpers.bow_embed"}, "embed_dim": 384}
   assert shards.read_manifest(str(tmp_path / "fn"))["encoder"] == m["encoder"]
 
   emb = _save(tmp_path / "emb.npy", np.ones((len(good) + len(bad), 384), np.float32))
@@ -221,10 +220,3 @@ def test_the_manifest_names_the_caption_encoder(tmp_path, corrupt_inputs):  # no
                   "--embeddings", str(emb)]) == 0
   assert shards.read_manifest(str(tmp_path / "pre"))["encoder"] == {
       "encoder": "precomputed", "file": os.path.abspath(emb), "embed_dim": 384}
-
-  model = tmp_path / "my-encoder"  # a --model-dir: named after its directory, weights by digest
-  model.mkdir()
-  (model / "model.safetensors").write_bytes(b"not really weights")
-  assert ms.sentence_encoder_identity(str(model)) == {
-      "encoder": "my-encoder", "weights_sha256": hashlib.sha256(b"not really weights").hexdigest()[:16],
-      "embed_dim": 384}

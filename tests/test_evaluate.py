@@ -8,23 +8,21 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from tests.helpers import bow_embed, objectnet_folder, tiny_config
+from tests.helpers import objectnet_folder, tiny_config
 from xsample_jax import evals, train
-from xsample_jax.data import procedural, sources
+from xsample_jax.data import procedural
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(train_examples=128, eval_examples=64)
 
 
-def tiny_objectnet(root, workdir, config) -> dict:
+def tiny_objectnet(root) -> dict:
   """objectnet settings for an ObjectNet-like release whose "ImageNet" is the procedural shapes (the run's training
-  labels); its folders' caption table is cached where the run looks, so no sentence encoder loads."""
+  labels); the run embeds its folders' three class captions with the sentence encoder."""
   objectnet_folder(root, {"box": 2, "other": 1, "round_thing": 3},
                    {"box": "Box", "other": "Other", "round_thing": "Round thing"},
                    {"Box": "square", "Round thing": "circle; ring"})
   (root / "shapes.txt").write_text("\n".join(procedural.SHAPES))
-  sources.folder_source(str(root / "images"), embed_fn=bow_embed, template=config.data.template,
-                        cache_dir=str(workdir / "caption_emb"))
   return {"folder": str(root), "imagenet_class_index": str(root / "shapes.txt")}
 
 
@@ -36,7 +34,7 @@ def tiny_run(tmp_path_factory):
   for name in evals.REGISTRY:
     config.evals[name] = ml_collections.ConfigDict(SMALL)
   config.evals.fewshot.shots = (1, 5)
-  config.evals.objectnet.update(tiny_objectnet(tmp_path_factory.mktemp("objectnet"), workdir, config))
+  config.evals.objectnet.update(tiny_objectnet(tmp_path_factory.mktemp("objectnet")))
   return workdir, train.train_and_evaluate(config, str(workdir))
 
 

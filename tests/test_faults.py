@@ -131,3 +131,50 @@ def test_restoring_never_unpickles(tmp_path, monkeypatch):
   out = train.train_and_evaluate(tiny_config(total_steps=4, checkpoint_every_steps=3), str(tmp_path))
   assert out["step"] == 4
   assert not [p for p in (tmp_path / "checkpoints").rglob("*") if p.suffix in (".pkl", ".pickle")]
+
+
+def _folder(root, classes):
+  import cv2
+  for c, name in enumerate(classes):
+    (root / name).mkdir(parents=True)
+    for k in range(2):
+      img = np.full((12, 12, 3), 30 * c + 10 * k, np.uint8)
+      (root / name / f"{k}.png").write_bytes(cv2.imencode(".png", img)[1].tobytes())
+  return root
+
+
+def test_a_workdir_that_cannot_take_files_is_refused_first(tmp_path):
+  (tmp_path / "afile").write_text("not a directory")
+  with pytest.raises(train.ConfigError, match=r"workdir .*afile/run is not writable .*afile is a file"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "afile" / "run"))
+  assert (tmp_path / "afile").read_text() == "not a directory"
+
+
+def test_class_names_that_are_not_words_are_refused_naming_the_config_key(tmp_path):
+  folder = _folder(tmp_path / "digits", ["0", "1"])
+  config = tiny_config(**{"data.train": f"folder:{folder}", "loss.graph": "class"})
+  with pytest.raises(train.ConfigError, match=r"class '0' \(label 0\) is not a word.*--config.data.class_names=FILE"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  (tmp_path / "names.txt").write_text("zero\none\n")
+  config.data.class_names = str(tmp_path / "names.txt")
+  assert train.get_source(config, config.data.train, "train", tmp_path / "run").class_names == ["zero", "one"]
+
+
+def test_missing_sentence_encoder_weights_are_named_with_the_fix(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  from xsample_jax.models import sentence_encoder
+  shadow = tmp_path / "site" / sentence_encoder.GT_PACKAGE  # an install without its model directory
+  shadow.mkdir(parents=True)
+  (shadow / "__init__.py").write_text("")
+  folder = _folder(tmp_path / "pets", ["cat", "dog"])
+  env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "xsample_jax.main", "--config", "configs/smoke.py",
+                        f"--config.data.train=folder:{folder}", f"--workdir={tmp_path / 'run'}"],
+                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert "error: config.data.train:" in out.stderr and sentence_encoder.HOW_TO_GET in out.stderr, out.stderr[-2000:]
+  assert not (tmp_path / "run").exists()

@@ -81,6 +81,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
   need(config.loss.graph in GRAPHS, "loss.graph", f"must be one of {GRAPHS}")
   need(config.loss.impl in losses.IMPLS, "loss.impl", f"must be one of {losses.IMPLS}")
   need(config.nonfinite in ("stop", "skip"), "nonfinite", f"must be 'stop' or 'skip', got {config.nonfinite!r}")
+  need(config.data.unlabelled in ("error", "instance"), "data.unlabelled",
+       f"must be 'error' or 'instance', got {config.data.unlabelled!r}")
   need(config.optimizer.name in OPTIMIZERS, "optimizer.name",
        f"unknown optimizer {config.optimizer.name!r}; valid: {', '.join(OPTIMIZERS)}")
   need(config.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {config.optimizer.lr}")
@@ -162,9 +164,15 @@ def get_source(config, spec: str, split: str, workdir: epath.Path | None = None)
     cache = config.data.cache_dir
     if cache is None and config.data.data_dir is None and workdir is not None:
       cache = str(epath.Path(workdir) / "caption_emb")
+    kw = dict(template=config.data.template, cache_dir=cache)
+    if spec == config.data.train:  # the training dataset's own settings (also where evaluators read it)
+      kw.update(class_names=config.data.class_names)
+      if kind == "tfds":
+        kw.update(unlabelled=config.data.unlabelled)
     return _process_zero_first(lambda: sources.get_source(
-        spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir, template=config.data.template,
-        cache_dir=cache), f"caption table {spec} {split}")
+        spec, split, embed_fn=_embed_fn, data_dir=config.data.data_dir, **kw), f"caption table {spec} {split}")
+  if kind == "shards":
+    return sources.get_source(spec, split, allow_incomplete=config.data.allow_incomplete_shards)
   return sources.get_source(spec, split)
 
 
@@ -700,6 +708,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = epath.Path(workdir)
   if not str(workdir).startswith("gs://"):
     workdir = workdir.resolve()  # orbax wants absolute paths
+    _check_writable(workdir)
   mesh = make_mesh(config)
 
   try:
@@ -789,6 +798,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   mngr.close()
   return {**last, **results, "state": state, "graphdef": graphdef}
+
+
+def _check_writable(workdir: epath.Path) -> None:
+  """A local workdir (or, before it exists, its nearest existing parent) takes files; checked by writing one and
+  removing it, so a run that cannot save fails before anything is computed, and leaves nothing behind."""
+  import tempfile
+  place = workdir
+  while not place.exists():
+    place = place.parent
+  try:
+    if not place.is_dir():
+      raise NotADirectoryError(f"{place} is a file")
+    with tempfile.NamedTemporaryFile(dir=place):
+      pass
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable ({e}); choose another --workdir") from e
 
 
 def warm_start(config, graphdef, state, target, shardings):

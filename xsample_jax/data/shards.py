@@ -180,28 +180,23 @@ def read_manifest(directory: str) -> dict:
   return json.loads(path.read_text())
 
 
-ALLOW_INCOMPLETE_ENV = "XSAMPLE_ALLOW_INCOMPLETE_SHARDS"
-
-
-def shard_paths(directory: str, allow_incomplete: bool | None = None) -> list[str]:
+def shard_paths(directory: str, allow_incomplete: bool = False) -> list[str]:
   """The shards a directory's manifest lists. One that make_shards has not finished (`complete: false`: it died or
-  is still running) is refused, unless allow_incomplete (default: the environment variable
-  XSAMPLE_ALLOW_INCOMPLETE_SHARDS=1, which reaches the trainer's `shards:DIR` source), and then warned about."""
+  is still running) is refused, unless allow_incomplete (in a run: config.data.allow_incomplete_shards), and then
+  warned about."""
   manifest = read_manifest(directory)
   paths = [os.path.join(directory, name) for name in manifest["shards"]]
   if manifest.get("complete", True) is False:  # no flag: a hand-written or older manifest, read as before
-    if allow_incomplete is None:
-      allow_incomplete = os.environ.get(ALLOW_INCOMPLETE_ENV, "") not in ("", "0")
     what = (f"caption shards {directory} are INCOMPLETE (manifest.json says complete: false; "
             f"{manifest.get('written', '?')} records in {len(paths)} shards so far)")
     if not allow_incomplete:
       raise ValueError(f"{what}: finish them by rerunning make_shards with the same command, or read them anyway "
-                       f"with allow_incomplete=True or {ALLOW_INCOMPLETE_ENV}=1")
+                       "with allow_incomplete=True (--config.data.allow_incomplete_shards=true)")
     logging.warning("%s: reading only those", what)
   return paths
 
 
-def iter_records(directory: str, allow_incomplete: bool | None = None):
+def iter_records(directory: str, allow_incomplete: bool = False):
   """Every decoded record of a shard directory, in order (for inspection and tests; training uses sources.py)."""
   paths = shard_paths(directory, allow_incomplete)
   if not paths:

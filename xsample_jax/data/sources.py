@@ -159,8 +159,9 @@ class LabelSource:
     elif label == -1:
       raise ValueError(f"{self.name}: element {index} ({key}) has label -1: the split is unlabelled (e.g. stl10's "
                        "'unlabelled'), so it has no class caption; train on a labelled split, or pass "
-                       "unlabelled='instance' (tfds_label_source, label_source) to train each unlabelled image "
-                       "as an instance with a caption embedding of its own")
+                       "unlabelled='instance' (tfds_label_source, label_source; in a run "
+                       "--config.data.unlabelled=instance) to train each unlabelled image as an instance with a "
+                       "caption embedding of its own")
     else:
       raise ValueError(f"{self.name}: element {index} ({key}) has label {label} outside its "
                        f"{len(self.class_names)} classes")
@@ -312,7 +313,7 @@ def readable_class_names(raw: Sequence[str], class_names: Sequence[str] | str | 
     readable = wordnet_names(names)
     if readable is None:
       raise ValueError(f"{what} are WordNet ids ({names[0]}, ...) outside ImageNet-1k; pass class_names= a list "
-                       "or a file of readable names, one per line, in label order")
+                       "or a file of readable names, one per line, in label order (--config.data.class_names=FILE)")
     return readable  # curated ("handrail / baluster": two names for one class)
   names = [readable_class_name(n) for n in names]
   bad = [(i, r, why) for i, (r, n) in enumerate(zip(raw, names)) if (why := not_a_word(n))]
@@ -322,7 +323,7 @@ def readable_class_names(raw: Sequence[str], class_names: Sequence[str] | str | 
     raise ValueError(f"{what}: class {r!r} (label {i}) is not a word ({why}){more if len(bad) > 1 else ''}, so "
                      f"its caption would read {DEFAULT_TEMPLATE.format(r)!r}; pass class_names= (a list, or a "
                      "text file of readable names, one per line, in label order) to tfds_label_source / "
-                     "folder_source / get_source")
+                     "folder_source / get_source, or in a run --config.data.class_names=FILE")
   return names
 
 
@@ -444,9 +445,9 @@ def folder_source(directory: str, *, embed_fn: EmbedFn | None = None, template: 
 class CaptionShardSource:
   """A directory of caption shards written by `tools/make_shards.py`; elements hold still-encoded images."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, allow_incomplete: bool = False):
     self.directory = directory
-    paths = shards.shard_paths(directory)
+    paths = shards.shard_paths(directory, allow_incomplete)
     if not paths:
       raise ValueError(f"{directory} holds no shards (manifest lists none)")
     self._src = shards.ArrayRecordDataSource(paths)
@@ -550,7 +551,8 @@ def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_d
 
   split: the procedural split / TFDS split; for shards and folders, a subdirectory DIR/split if it exists, else DIR
   itself. kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation), `tfds_label_source`
-  (template, class_names, cache_dir, unlabelled) or `folder_source` (template, class_names, cache_dir). Label sources cache their class caption table in
+  (template, class_names, cache_dir, unlabelled), `folder_source` (template, class_names, cache_dir) or
+  `CaptionShardSource` (allow_incomplete). Label sources cache their class caption table in
   cache_dir, by default DATA_DIR/xsample_caption_emb when data_dir is given.
   """
   kind, arg = parse_spec(spec)
@@ -559,6 +561,6 @@ def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_d
   if kind == "tfds":
     return tfds_label_source(arg, split, embed_fn=embed_fn, data_dir=data_dir, **kwargs)
   if kind == "shards":
-    return CaptionShardSource(_split_dir(arg, split))
+    return CaptionShardSource(_split_dir(arg, split), **kwargs)
   kwargs["cache_dir"] = _cache_dir(kwargs.get("cache_dir"), data_dir)
   return folder_source(_split_dir(arg, split), embed_fn=embed_fn, **kwargs)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
+import functools
 import json
 import logging
 import os
@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from xsample_jax.data import shards
+from xsample_jax.data import shards, sources
 from xsample_jax.data.sources import EMBED_DIM
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -205,7 +205,7 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
 
   max_side: images with a longer side are downscaled to it and stored as JPEG (others are stored as they came).
   encoder: what made the caption embeddings, for the manifest's "encoder" (embed_dim is added); by default
-  embed_fn's qualified name, or "precomputed" (the CLI records the sentence encoder's weights digest or the file).
+  `sources.embed_identity(embed_fn)` (the sentence encoder's: a digest of its model files), or "precomputed".
   """
   if (embed_fn is None) == (embeddings is None):
     raise ValueError("pass exactly one of embed_fn (embed as we go) and embeddings (precomputed, one row per item)")
@@ -217,9 +217,8 @@ def make_shards(inputs: list[str], output: str, *, embed_fn: Callable[[list], np
       raise ValueError(f"--embeddings has {len(embeddings)} rows but the inputs hold {n_items} items (one row per "
                        "input item, in input order); nothing written")
   os.makedirs(output, exist_ok=True)
-  if encoder is None:
-    encoder = ({"encoder": "precomputed"} if embed_fn is None
-               else {"encoder": f"{getattr(embed_fn, '__module__', '?')}.{getattr(embed_fn, '__qualname__', '?')}"})
+  if encoder is None:  # an embed_fn names itself as for the caption-table cache (the sentence encoder: its weights)
+    encoder = {"encoder": "precomputed" if embed_fn is None else sources.embed_identity(embed_fn)[0]}
   encoder = {**encoder, "embed_dim": embed_dim}
   state = _load_state(output, list(inputs), overwrite, {"encoder": encoder, "max_side": max_side})
   if state["complete"]:
@@ -285,21 +284,6 @@ def _note_skip(state: dict, item: Item, reason: str) -> None:
   logging.warning("skipping %s: %s", item.key, reason)
 
 
-def sentence_encoder_identity(model_dir: str | None = None) -> dict:
-  """The manifest's "encoder" for models/sentence_encoder with `model_dir` (default: the packaged all-MiniLM-L6-v2):
-  a name and the first 16 hex digits of model.safetensors' sha256, so shards embedded with other weights show."""
-  if model_dir is None:
-    from xsample_jax.models.sentence_encoder import default_model_dir  # tools may use models; data/ may not
-    path, name = default_model_dir(), "all-MiniLM-L6-v2"
-  else:
-    path, name = model_dir, os.path.basename(os.path.normpath(model_dir))
-  digest = hashlib.sha256()
-  with open(os.path.join(path, "model.safetensors"), "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return {"encoder": name, "weights_sha256": digest.hexdigest()[:16], "embed_dim": EMBED_DIM}
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m xsample_jax.tools.make_shards", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -327,10 +311,9 @@ def main(argv=None) -> int:
       embeddings = np.load(args.embeddings, mmap_mode="r")
       encoder = {"encoder": "precomputed", "file": os.path.abspath(args.embeddings)}
     else:
-      from xsample_jax.models.sentence_encoder import embed_texts  # tools may use models; data/ may not
-      def embed_fn(texts):
-        return embed_texts(texts, model_dir=args.model_dir, batch_size=args.batch_size)
-      encoder = sentence_encoder_identity(args.model_dir)
+      from xsample_jax.models import sentence_encoder  # tools may use models; data/ may not
+      embed_fn = functools.partial(sentence_encoder.embed_texts, model_dir=args.model_dir, batch_size=args.batch_size)
+      encoder = {"encoder": sentence_encoder.encoder_identity(args.model_dir)}
     manifest = make_shards(args.input, args.output, embed_fn=embed_fn, embeddings=embeddings,
                            records_per_shard=args.records_per_shard, batch_size=args.batch_size,
                            image_column=args.image_column, caption_column=args.caption_column,
