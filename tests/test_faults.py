@@ -178,3 +178,36 @@ def test_missing_sentence_encoder_weights_are_named_with_the_fix(tmp_path):
   assert out.returncode == 1
   assert "error: config.data.train:" in out.stderr and sentence_encoder.HOW_TO_GET in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_caption_shards_train_on_counted_and_named_and_strict_stops(tmp_path, caplog):
+  """1% corrupt records of four kinds and one truncated shard file, as web-scraped data brings them."""
+  import logging
+  from test_data_shards_faults import _good, _raw_record, _write_dir
+  from xsample_jax.data import shards
+  n = 400
+  records = [_good(i) for i in range(n)]
+  good_jpeg = records[10]
+  bad = {"k10": "undecodable image", "k111": "empty caption", "k222": "shape (100,)", "k333": "not valid UTF-8"}
+  rec = shards.decode_record(good_jpeg)
+  records[10] = shards.encode_record(key="k10", caption="a boat", image=rec["image"][: len(rec["image"]) // 3],
+                                     embedding=rec["caption_emb"], id=10)
+  records[111] = shards.encode_record(key="k111", caption="", image=rec["image"], embedding=rec["caption_emb"], id=111)
+  records[222] = shards.encode_record(key="k222", caption="a boat", image=rec["image"],
+                                      embedding=np.ones(100, np.float32), id=222)
+  records[333] = _raw_record(b"k333", b"a b\xff\xfeat", rec["image"], rec["caption_emb"], 333)
+  directory = _write_dir(tmp_path / "shards", records)  # 100 shards of 4
+  truncated = sorted((tmp_path / "shards").glob("*.array_record"))[50]
+  truncated.write_bytes(truncated.read_bytes()[:100])
+  config = tiny_config(total_steps=26, checkpoint_every_steps=26, **{"data.train": f"shards:{directory}"})
+  with caplog.at_level(logging.WARNING):
+    out = train.train_and_evaluate(config, str(tmp_path / "run"))  # 26 x 16 images > one epoch of 396
+  assert out["step"] == 26 and np.isfinite(out["loss"])
+  assert out["data/skipped_records"] == 4 and out["data/unreadable_shards"] == 1
+  log = caplog.text
+  assert truncated.name in log
+  for key, reason in bad.items():
+    assert any(key in r.getMessage() and reason in r.getMessage() for r in caplog.records), key
+  config.data.strict = True
+  with pytest.raises(shards.BadRecordError, match=r"bad record '.*k(10|111|222|333)"):
+    train.train_and_evaluate(config, str(tmp_path / "strict"))

@@ -727,6 +727,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = make_train_step(config, graphdef, shardings, mesh, loss_fn)
 
   mngr = checkpoint_manager(workdir, config)
+  # Shard files left out as unreadable are reported with every log row, next to the skipped records.
+  source_metrics = {"data/unreadable_shards": len(getattr(train_source, "unreadable", ()))}
   # A data-fraction run trains on a fixed head of the source (the same images whatever the seed or method).
   n_train = max(1, round(config.data.train_fraction * len(train_source)))
   if n_train < len(train_source):
@@ -772,7 +774,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not (stop or end):  # the host fetches the next batch while the device runs this step
         batch = _next_batch(it, clock)
       if stop or end or step % config.log_every_steps == 0:
-        last = log_metrics(writer, bar, pending, config.batch_size, clock, it.metrics(), config.nonfinite)
+        last = log_metrics(writer, bar, pending, config.batch_size, clock, {**it.metrics(), **source_metrics},
+                           config.nonfinite)
         pending = []
       if bar is not None:
         bar.update(1)

@@ -62,7 +62,10 @@ def decode_record(data: bytes) -> dict:
   o = _HEADER.size
   key = _text(data[o:o + nk], "key")
   o += nk
-  caption = _text(data[o:o + nc], "caption")
+  try:
+    caption = _text(data[o:o + nc], "caption")
+  except BadRecordError as e:  # the key is readable: name the record by it
+    raise BadRecordError(f"record {key!r}: {e}") from None
   o += nc
   image = data[o:o + ni]
   o += ni

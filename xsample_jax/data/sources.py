@@ -443,14 +443,29 @@ def folder_source(directory: str, *, embed_fn: EmbedFn | None = None, template: 
 
 
 class CaptionShardSource:
-  """A directory of caption shards written by `tools/make_shards.py`; elements hold still-encoded images."""
+  """A directory of caption shards written by `tools/make_shards.py`; elements hold still-encoded images.
+
+  A shard file that cannot be opened (truncated by a failed copy, damaged) is left out with an error naming it; its
+  path is in `unreadable`. A record that cannot be read or decoded becomes a bad record (counted by the pipeline).
+  """
 
   def __init__(self, directory: str, allow_incomplete: bool = False):
     self.directory = directory
     paths = shards.shard_paths(directory, allow_incomplete)
     if not paths:
       raise ValueError(f"{directory} holds no shards (manifest lists none)")
-    self._src = shards.ArrayRecordDataSource(paths)
+    readable, self.unreadable = [], []
+    for path in paths:
+      try:
+        shards.ArrayRecordDataSource([path])  # opening reads the file's footer: a truncated file fails here
+        readable.append(path)
+      except (RuntimeError, OSError, ValueError) as e:
+        logging.error("caption shard %s cannot be read (%s: %s); training goes on without its records", path,
+                      type(e).__name__, str(e) or "truncated or damaged")
+        self.unreadable.append(path)
+    if not readable:
+      raise ValueError(f"none of the {len(paths)} shards of {directory} can be read (truncated or damaged files)")
+    self._src = shards.ArrayRecordDataSource(readable)
 
   def __len__(self) -> int:
     return len(self._src)
@@ -458,7 +473,7 @@ class CaptionShardSource:
   def __getitem__(self, index: int) -> dict:
     try:
       rec = shards.decode_record(self._src[index])
-    except shards.BadRecordError as e:  # let the pipeline count it like any other bad record
+    except (shards.BadRecordError, RuntimeError, OSError) as e:  # the pipeline counts it like any other bad record
       logging.debug("malformed record %d in %s: %s", index, self.directory, e)
       return {"image": b"", "caption_emb": np.zeros(0, np.float32), "caption": "", "label": -1, "id": int(index),
               "key": f"{self.directory}#{index}", "error": str(e)}
