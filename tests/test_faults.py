@@ -1,5 +1,16 @@
 """Faults the trainer must survive without losing or hiding anything (the fast cases; benchmarks/faults.py runs the
 full sweep): non-finite steps, interrupted and corrupt checkpoints, a full disk, bad configurations."""
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -83,7 +94,6 @@ def test_a_dataset_of_bad_records_stops_training_instead_of_searching_forever():
 
 
 def _losses(workdir):
-  import json
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
@@ -92,6 +102,7 @@ def _snapshot(workdir):
   return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
   reference = tmp_path / "reference"
   train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every_steps=2), str(reference))
@@ -134,7 +145,6 @@ def test_restoring_never_unpickles(tmp_path, monkeypatch):
 
 
 def _folder(root, classes):
-  import cv2
   for c, name in enumerate(classes):
     (root / name).mkdir(parents=True)
     for k in range(2):
@@ -162,10 +172,6 @@ def test_class_names_that_are_not_words_are_refused_naming_the_config_key(tmp_pa
 
 
 def test_missing_sentence_encoder_weights_are_named_with_the_fix(tmp_path):
-  import os
-  import subprocess
-  import sys
-  from pathlib import Path
   from xsample_jax.models import sentence_encoder
   shadow = tmp_path / "site" / sentence_encoder.GT_PACKAGE  # an install without its model directory
   shadow.mkdir(parents=True)
@@ -180,9 +186,9 @@ def test_missing_sentence_encoder_weights_are_named_with_the_fix(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_caption_shards_train_on_counted_and_named_and_strict_stops(tmp_path, caplog):
   """1% corrupt records of four kinds and one truncated shard file, as web-scraped data brings them."""
-  import logging
   from test_data_shards_faults import _good, _raw_record, _write_dir
   from xsample_jax.data import shards
   n = 400
@@ -211,3 +217,31 @@ def test_corrupt_caption_shards_train_on_counted_and_named_and_strict_stops(tmp_
   config.data.strict = True
   with pytest.raises(shards.BadRecordError, match=r"bad record '.*k(10|111|222|333)"):
     train.train_and_evaluate(config, str(tmp_path / "strict"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_naming_it_and_the_last_checkpoint_resumes(tmp_path):
+  """The workdir on a 3.5 MB tmpfs (a user+mount namespace: no root needed): room for two checkpoints, not three."""
+  from test_train_e2e import ARGS, ROOT, STEPS
+  mnt = tmp_path / "small_disk"
+  mnt.mkdir()
+  if shutil.which("unshare") is None or subprocess.run(
+      ["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mnt}"], capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (unshare and user namespaces needed)")
+  script = (f"mount -t tmpfs -o size=3500k tmpfs {mnt} && cd {ROOT} && "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu "
+            f"{shlex.join([sys.executable, '-m', 'xsample_jax.main', *ARGS, f'--workdir={mnt}/run'])}; "
+            f"rc=$?; cp -r {mnt}/run {tmp_path}/run; exit $rc")
+  out = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1, out.stderr[-3000:]
+  match = re.search(r"error: saving a checkpoint in .* failed because the disk is full .*the newest complete "
+                    r"checkpoint, step (\d+), is intact", out.stderr)
+  assert match, out.stderr[-3000:]
+  last = int(match.group(1))
+  assert 0 < last < STEPS
+  # The copied workdir (a bigger disk) resumes from that checkpoint and finishes.
+  run = subprocess.run([sys.executable, "-m", "xsample_jax.main", *ARGS, f"--workdir={tmp_path}/run"], cwd=ROOT,
+                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f"resumed from step {last}" in run.stderr and f"done: {STEPS} steps" in run.stdout

@@ -15,6 +15,7 @@ Read top to bottom, `train_and_evaluate` is the whole run:
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -481,6 +482,19 @@ def restore_latest(mngr, target):
   return None
 
 
+def _save_failed(mngr, error: Exception) -> CheckpointError:
+  """The error a failed save ends the run with: what failed, and the newest complete checkpoint, which orbax's
+  write-then-rename leaves intact (an unfinished save is a *.orbax-checkpoint-tmp directory, never restored)."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  full = getattr(error, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text or "No space left" in text
+  mngr.reload()
+  return CheckpointError(
+      f"saving a checkpoint in {mngr.directory} failed{' because the disk is full' if full else ''} "
+      f"({type(error).__name__}: {text[:300]}); the newest complete checkpoint, step {mngr.latest_step()}, is "
+      f"intact: {'free space or choose another workdir' if full else 'fix the cause'} and rerun the same command to "
+      "resume from it")
+
+
 def _set_aside(mngr, steps):
   if jax.process_index() == 0:
     aside = mngr.directory.parent / "corrupt_checkpoints"
@@ -780,15 +794,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if bar is not None:
         bar.update(1)
       if save:
-        save_checkpoint(mngr, step, state, data_state, config)
+        try:
+          save_checkpoint(mngr, step, state, data_state, config)
+        except Exception as e:  # an earlier asynchronous save's error surfaces here
+          raise _save_failed(mngr, e) from e
       if stop:
         stopped = True
         break
       if config.eval_every_steps and step % config.eval_every_steps == 0 and not end:
         writer.write(step, run_evals(config, graphdef, state, mesh, workdir))
   finally:  # a save in flight completes, and SIGTERM gets its handler back, also when the loop raises
-    mngr.wait_until_finished()
     preemption.restore()
+    try:
+      mngr.wait_until_finished()
+    except Exception as e:
+      raise _save_failed(mngr, e) from e
   if bar is not None:
     bar.close()
   if stopped:
