@@ -219,25 +219,47 @@ def test_corrupt_caption_shards_train_on_counted_and_named_and_strict_stops(tmp_
     train.train_and_evaluate(config, str(tmp_path / "strict"))
 
 
+def _small_disk_or_skip(mnt):
+  if shutil.which("unshare") is None or subprocess.run(
+      ["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mnt}"], capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (unshare and user namespaces needed)")
+
+
+def test_the_metric_writer_raises_on_a_full_disk_instead_of_blocking(tmp_path):
+  """tensorboardX's own writer thread dies on a full disk and its queue then blocks the run forever."""
+  mnt = tmp_path / "small_disk"
+  mnt.mkdir()
+  _small_disk_or_skip(mnt)
+  code = ("import os, sys; from etils import epath; from xsample_jax import train\n"
+          f"w = train.MetricWriter(epath.Path('{mnt}'), None)\n"
+          "try:\n"
+          "  for step in range(1, 100000): w.write(step, {'loss': 1.0, 'lr': 0.1, 'note': 'x' * 200})\n"
+          "except OSError as e: print('raised', e.errno == 28); sys.exit(0)\n")
+  script = f"mount -t tmpfs -o size=64k tmpfs {mnt} && cd {Path(__file__).resolve().parents[1]} && " \
+           f"{shlex.join([sys.executable, '-c', code])}"
+  out = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0 and out.stdout.strip() == "raised True", out.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_naming_it_and_the_last_checkpoint_resumes(tmp_path):
   """The workdir on a 3.5 MB tmpfs (a user+mount namespace: no root needed): room for two checkpoints, not three."""
   from test_train_e2e import ARGS, ROOT, STEPS
   mnt = tmp_path / "small_disk"
   mnt.mkdir()
-  if shutil.which("unshare") is None or subprocess.run(
-      ["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mnt}"], capture_output=True).returncode:
-    pytest.skip("cannot mount a small tmpfs here (unshare and user namespaces needed)")
+  _small_disk_or_skip(mnt)
   script = (f"mount -t tmpfs -o size=3500k tmpfs {mnt} && cd {ROOT} && "
             f"XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu "
             f"{shlex.join([sys.executable, '-m', 'xsample_jax.main', *ARGS, f'--workdir={mnt}/run'])}; "
             f"rc=$?; cp -r {mnt}/run {tmp_path}/run; exit $rc")
   out = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
   assert out.returncode == 1, out.stderr[-3000:]
-  match = re.search(r"error: saving a checkpoint in .* failed because the disk is full .*the newest complete "
-                    r"checkpoint, step (\d+), is intact", out.stderr)
+  # Whichever write meets the full disk first, a checkpoint's or the metrics', says so.
+  match = re.search(r"error: (saving a checkpoint|writing the metrics) in .* failed because the disk is full .*the "
+                    r"newest complete checkpoint, step (\d+), is intact", out.stderr)
   assert match, out.stderr[-3000:]
-  last = int(match.group(1))
+  last = int(match.group(2))
   assert 0 < last < STEPS
   # The copied workdir (a bigger disk) resumes from that checkpoint and finishes.
   run = subprocess.run([sys.executable, "-m", "xsample_jax.main", *ARGS, f"--workdir={tmp_path}/run"], cwd=ROOT,

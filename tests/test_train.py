@@ -2,6 +2,9 @@
 
 The end-to-end runs through the entry point (determinism, SIGTERM / kill -9 and resume) are in test_train_e2e.py.
 """
+import json
+import shutil
+
 import jax
 import ml_collections
 import numpy as np
@@ -133,3 +136,31 @@ def test_weight_decay_and_lars_adaptation_skip_biases_norms_and_scalars():
   decayed = {k for k, m in flat.items() if m}
   assert decayed and all("kernel" in k or "embedding" in k or "posemb" in k for k in decayed), decayed
   assert not any(m for k, m in flat.items() if "bias" in k or "scale" in k or "norm" in k)  # incl. log_scale
+
+
+def _events(directory):
+  """The Event protos of every TensorBoard event file in `directory` (TFRecord framing: length, crc, data, crc)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = []
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+      (n,) = struct.unpack_from("<Q", data, at)
+      out.append(event_pb2.Event.FromString(data[at + 12:at + 12 + n]))
+      at += 12 + n + 4
+  return out
+
+
+def test_tensorboard_events_hold_every_logged_scalar_and_a_resume_purges_later_ones(tmp_path):
+  train.train_and_evaluate(tiny_config(total_steps=3, checkpoint_every_steps=2), str(tmp_path))
+  events = _events(tmp_path / "tensorboard")
+  losses = {e.step: v.simple_value for e in events for v in e.summary.value if v.tag == "loss"}
+  logged = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+  assert losses.keys() == logged.keys() == {1, 2, 3}
+  np.testing.assert_allclose([losses[s] for s in (1, 2, 3)], [logged[s] for s in (1, 2, 3)], rtol=1e-6)
+  # Resuming from the step-2 checkpoint (as after a crash past it) tells TensorBoard to drop what followed.
+  shutil.rmtree(tmp_path / "checkpoints" / "3")
+  train.train_and_evaluate(tiny_config(total_steps=3, checkpoint_every_steps=2), str(tmp_path))
+  starts = [e.step for e in _events(tmp_path / "tensorboard") if e.HasField("session_log")]
+  assert starts == [3]

@@ -482,14 +482,15 @@ def restore_latest(mngr, target):
   return None
 
 
-def _save_failed(mngr, error: Exception) -> CheckpointError:
-  """The error a failed save ends the run with: what failed, and the newest complete checkpoint, which orbax's
-  write-then-rename leaves intact (an unfinished save is a *.orbax-checkpoint-tmp directory, never restored)."""
+def _write_failed(mngr, what: str, error: Exception) -> CheckpointError:
+  """The error a failed write to the workdir (a checkpoint save, the metrics) ends the run with: what failed, and
+  the newest complete checkpoint, which orbax's write-then-rename leaves intact (an unfinished save is a
+  *.orbax-checkpoint-tmp directory, never restored)."""
   text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   full = getattr(error, "errno", None) == errno.ENOSPC or "RESOURCE_EXHAUSTED" in text or "No space left" in text
   mngr.reload()
   return CheckpointError(
-      f"saving a checkpoint in {mngr.directory} failed{' because the disk is full' if full else ''} "
+      f"{what} failed{' because the disk is full' if full else ''} "
       f"({type(error).__name__}: {text[:300]}); the newest complete checkpoint, step {mngr.latest_step()}, is "
       f"intact: {'free space or choose another workdir' if full else 'fix the cause'} and rerun the same command to "
       "resume from it")
@@ -573,7 +574,11 @@ def _logged_step(line: str) -> float:
 
 
 class MetricWriter:
-  """One JSON object per logged step in DIR/metrics.jsonl, and TensorBoard events in DIR/tensorboard."""
+  """One JSON object per logged step in DIR/metrics.jsonl, and TensorBoard events in DIR/tensorboard.
+
+  Events are written in the caller's thread (tensorboardX's SummaryWriter hands them to a thread that, once a write
+  fails, e.g. on a full disk, leaves the next call blocked forever): a failed write raises OSError here.
+  """
 
   def __init__(self, workdir: epath.Path, resume_step: int | None):
     """resume_step: the step training (re)starts from, whose later lines are dropped; None appends only."""
@@ -584,18 +589,28 @@ class MetricWriter:
     if self.path.exists() and resume_step is not None:  # a resumed run logs the steps after its checkpoint again
       kept = [l for l in self.path.read_text().splitlines() if _logged_step(l) <= resume_step]
       self.path.write_text("".join(l + "\n" for l in kept))
-    from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+    (workdir / "tensorboard").mkdir(parents=True, exist_ok=True)
+    self.tb, self._event, self._flushed = EventsWriter(str(workdir / "tensorboard" / "events")), event_pb2, 0.0
+    if resume_step:  # TensorBoard then drops the events an earlier attempt logged after the checkpoint
+      self.tb.write_event(event_pb2.Event(step=resume_step + 1, wall_time=time.time(), session_log=event_pb2.SessionLog(
+          status=event_pb2.SessionLog.START)))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled or not metrics:
       return
+    from tensorboardX import summary
     row = {"step": int(step), **{k: float(v) if not isinstance(v, (int, str)) else v for k, v in metrics.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
+    now = time.time()
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)):
-        self.tb.add_scalar(k, v, step)
+        self.tb.write_event(self._event.Event(step=int(step), wall_time=now, summary=summary.scalar(k, v)))
+    if now - self._flushed > 10:  # TensorBoard sees the events within seconds, without an fsync per step
+      self.tb.flush()
+      self._flushed = now
 
   def close(self):
     if self.enabled:
@@ -788,8 +803,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not (stop or end):  # the host fetches the next batch while the device runs this step
         batch = _next_batch(it, clock)
       if stop or end or step % config.log_every_steps == 0:
-        last = log_metrics(writer, bar, pending, config.batch_size, clock, {**it.metrics(), **source_metrics},
-                           config.nonfinite)
+        try:
+          last = log_metrics(writer, bar, pending, config.batch_size, clock, {**it.metrics(), **source_metrics},
+                             config.nonfinite)
+        except OSError as e:
+          raise _write_failed(mngr, f"writing the metrics in {workdir}", e) from e
         pending = []
       if bar is not None:
         bar.update(1)
@@ -797,7 +815,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         try:
           save_checkpoint(mngr, step, state, data_state, config)
         except Exception as e:  # an earlier asynchronous save's error surfaces here
-          raise _save_failed(mngr, e) from e
+          raise _write_failed(mngr, f"saving a checkpoint in {mngr.directory}", e) from e
       if stop:
         stopped = True
         break
@@ -808,7 +826,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       mngr.wait_until_finished()
     except Exception as e:
-      raise _save_failed(mngr, e) from e
+      raise _write_failed(mngr, f"saving a checkpoint in {mngr.directory}", e) from e
   if bar is not None:
     bar.close()
   if stopped:
