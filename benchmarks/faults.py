@@ -3,7 +3,7 @@ as counts. (tests/test_faults.py and tests/test_train_e2e.py hold one fast case 
 
   python -m benchmarks.faults [--kills 5] [--sigterms 3] [--seed 0] [--only kill9,sigterm,...]
 
-Every run is `python -m xsample_jax.main` on the smoke config shrunk to a 20-step run (8 fake CPU devices). Faults:
+Every run is `python -m xsample_jax.main --config configs/smoke.py:tiny` (20 steps, 8 fake CPU devices). Faults:
   kill9       kill -9 at random moments (the first ones while a checkpoint is being written), then the same command
               again: the final parameters must equal an uninterrupted run's bit for bit.
   sigterm     SIGTERM at a random step: exit 0 within a bound, a checkpoint at that step, the rerun bit-exact.
@@ -42,10 +42,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
-ARGS = ["--config", "configs/smoke.py", f"--config.total_steps={STEPS}", "--config.batch_size=64",
-        "--config.image_size=16", "--config.data.procedural_examples=512", "--config.data.procedural_image_size=24",
-        "--config.model.head=(64,32)", "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
-        "--config.optimizer.warmup_steps=2", "--config.progress_bar=False", "--config.evals={}"]
+ARGS = ["--config", "configs/smoke.py:tiny"]
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
 
 

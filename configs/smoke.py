@@ -3,13 +3,16 @@
   python -m xsample_jax.main --config configs/smoke.py --workdir runs/smoke
 
 Expect the loss to fall from ~5.8 to ~4.1 and a closing line with the linear-probe, 10-shot and k-NN accuracies on
-the shape label (8 classes; chance 12.5%); every evaluator's results are in metrics.jsonl. `:loss=simclr` (or supcon, clip, siglip, xclr_cross_modal) swaps the objective.
+the shape label (8 classes; chance 12.5%); every evaluator's results are in metrics.jsonl. `:loss=simclr` (or supcon,
+clip, siglip, xclr_cross_modal) swaps the objective; `:tiny` is a 20-step, 16 px, seconds-long version without evaluators (end-to-end tests, benchmarks/faults.py).
 """
+import ml_collections
+
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, loss="xclr")
+  arg = common.parse_arg(arg, loss="xclr", tiny=False)
   c = common.base()
   c.total_steps = 300
   c.batch_size = 64
@@ -44,4 +47,12 @@ def get_config(arg=None):
     c.evals.graph_alignment = dict(eval_examples=1024)
   if arg.loss in ("clip", "siglip"):
     c.loss.temperature = 0.07 if arg.loss == "clip" else 0.1
+  if arg.tiny:  # seconds-long end-to-end runs (the tests of the entry point, the fault sweep): no evaluators
+    c.total_steps, c.image_size = 20, 16
+    c.data.procedural_examples, c.data.procedural_image_size = 512, 24
+    c.model.head = (64, 32)
+    c.log_every_steps, c.checkpoint_every_steps = 1, 5
+    c.optimizer.warmup_steps = 2
+    c.progress_bar = False
+    c.evals = ml_collections.ConfigDict()
   return c

@@ -16,11 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = str(ROOT / "launch" / "local.sh")
 STEPS = 20
-# The smoke config shrunk so a 20-step run takes seconds (as in test_train_e2e.py).
-ARGS = ["--config", "configs/smoke.py", f"--config.total_steps={STEPS}", "--config.batch_size=64",
-        "--config.image_size=16", "--config.data.procedural_examples=512", "--config.data.procedural_image_size=24",
-        "--config.model.head=(64,32)", "--config.log_every_steps=1", "--config.checkpoint_every_steps=10",
-        "--config.optimizer.warmup_steps=2", "--config.progress_bar=False", "--config.evals={}"]
+# The smoke config's `tiny` form (20 steps in seconds), checkpoints at steps 10 and 20.
+ARGS = ["--config", "configs/smoke.py:tiny", "--config.checkpoint_every_steps=10"]
 
 
 def launch(processes, devices, *args, env=None, **kw):
@@ -111,7 +108,7 @@ def test_sigterm_to_the_launcher_saves_one_agreed_step_and_the_rerun_finishes(on
 def test_a_killed_process_makes_the_other_exit_with_an_error_not_hang(victim, tmp_path):
   """As on a pod, without the launcher: two processes that only share the coordinator (process 0's)."""
   workdir = tmp_path / "run"
-  args = [a if not a.startswith("--config.total_steps") else "--config.total_steps=1000" for a in ARGS]
+  args = [*ARGS, "--config.total_steps=1000"]
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen([sys.executable, "-m", "xsample_jax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
                             env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",

@@ -17,11 +17,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
-# The smoke config shrunk so a 20-step run takes seconds; batch 64 keeps a step long enough to interrupt.
-ARGS = ["--config", "configs/smoke.py", f"--config.total_steps={STEPS}", "--config.batch_size=64",
-        "--config.image_size=16", "--config.data.procedural_examples=512", "--config.data.procedural_image_size=24",
-        "--config.model.head=(64,32)", "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
-        "--config.optimizer.warmup_steps=2", "--config.progress_bar=False", "--config.evals={}"]
+# The smoke config's `tiny` form: 20 steps in seconds; batch 64 keeps a step long enough to interrupt.
+ARGS = ["--config", "configs/smoke.py:tiny"]
 
 
 def start(workdir, *extra):
