@@ -35,6 +35,72 @@ VARIANTS = {
 }
 
 
+# False: every conv is a plain XLA conv (read at trace time; benchmarks/conv_bench.py compares the two).
+PATCHES_CONV = True
+_NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def patches_conv(x, w, strides, padding, *, precision=None, preferred_element_type=None):
+  """NHWC x HWIO convolution as one matmul over the k*k shifted windows (im2col), concatenated on channels.
+
+  Pads x, takes each kernel tap's window with a static strided slice, drops taps that only ever see padding, and
+  contracts [B, Ho, Wo, taps*C] with the kernel reshaped to [taps*C, O]. Its autodiff is matmuls, slices and pads:
+  no convolution, so nothing for XLA to rewrite.
+  """
+  (b, h, wd, c), (kh, kw, _, o) = x.shape, w.shape
+  (ph, pw), (sh, sw) = padding, strides
+  ho, wo = (h + sum(ph) - kh) // sh + 1, (wd + sum(pw) - kw) // sw + 1
+  touches = lambda i, lo, size, s, n: any(lo <= i + s * t < lo + size for t in range(n))
+  taps = [(i, j) for i in range(kh) for j in range(kw)
+          if touches(i, ph[0], h, sh, ho) and touches(j, pw[0], wd, sw, wo)]
+  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  cols = [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+          for i, j in taps]
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  kernel = jnp.concatenate([w[i, j] for i, j in taps], axis=0) if len(taps) > 1 else w[taps[0]]
+  return jax.lax.dot_general(patches, kernel, (((3,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+def use_patches(in_hw, out_hw, kernel_hw, strides) -> bool:
+  """Whether a conv of these static sizes runs as `patches_conv`: its window is larger than its input or its output
+  in some dimension (XLA:CPU then swaps the operands of the forward or of the input-gradient conv), or it is a
+  strided 1x1 conv (a strided slice and a matmul: 1.3-1.6x the plain conv on CPU at ResNet-18's shortcuts)."""
+  if not PATCHES_CONV:
+    return False
+  if any(k > min(i, o) for i, o, k in zip(in_hw, out_hw, kernel_hw)):
+    return True
+  return tuple(kernel_hw) == (1, 1) and any(s > 1 for s in strides)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, out_sharding=None,
+                         preferred_element_type=None, **kwargs):
+  """`jax.lax.conv_general_dilated`, but a patches-matmul (`patches_conv`) where `use_patches` says so.
+
+  Chosen at trace time from the static shapes, for NHWC/HWIO convs without dilation or groups. XLA:CPU's algebraic
+  simplifier swaps the operands of a conv whose input is smaller than its window (the kernel becomes the lhs, with
+  rhs_reversal) and the swapped form compiles to a naive loop. At 64 px, ResNet-18's stage 4 (2x2x512) hit it in
+  the forward and input-gradient convs of its 3x3 convs (and in the input gradient of the 3x3/2 conv into it, whose
+  2x2 output gradient is the input there): ~2-6 GFLOP/s against ~100 as a matmul (benchmarks/conv_bench.py).
+  """
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+          if isinstance(padding, str) else padding)
+  plain_layout = (lhs.ndim == 4 and dn == _NHWC and feature_group_count == 1 and out_sharding is None and not kwargs
+                  and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)))
+  if plain_layout:
+    strides = tuple(window_strides)
+    out_hw = [(i + lo + hi - k) // s + 1 for i, (lo, hi), k, s in zip(lhs.shape[1:3], pads, rhs.shape[:2], strides)]
+  if plain_layout and use_patches(lhs.shape[1:3], out_hw, rhs.shape[:2], strides):
+    return patches_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in pads), precision=precision,
+                        preferred_element_type=preferred_element_type)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                      dimension_numbers, feature_group_count, precision=precision,
+                                      preferred_element_type=preferred_element_type, out_sharding=out_sharding,
+                                      **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layers:
   """Makes the convs and BNs of one network, all with the same dtype, init and BatchNorm settings."""
@@ -47,7 +113,8 @@ class Layers:
     # Explicit symmetric padding as torchvision ('SAME' pads stride-2 convs asymmetrically).
     return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((k // 2, k // 2),) * 2, use_bias=False,
                     kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"), dtype=self.dtype,
-                    rngs=self.rngs, kernel_metadata=axes(None, None, "conv_in", "conv_out"))
+                    rngs=self.rngs, kernel_metadata=axes(None, None, "conv_in", "conv_out"),
+                    conv_general_dilated=conv_general_dilated)
 
   def bn(self, c: int, zero_scale: bool = False) -> nnx.BatchNorm:
     return nnx.BatchNorm(c, momentum=self.bn_momentum, epsilon=1e-5, axis_name=self.bn_axis_name, dtype=self.dtype,
