@@ -17,21 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
-
-def _median_times(fns, repeats):
-  """Runs each fn once to warm up, then `repeats` rounds of all of them interleaved; median seconds per fn."""
-  for fn in fns:
-    fn()
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for t, fn in zip(times, fns):
-      t0 = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - t0)
-  return [statistics.median(t) for t in times]
+from benchmarks.timing import interleaved_medians
 
 
 def resnet18_convs(batch, image_size):
@@ -62,7 +50,7 @@ def bench_convs(args):
     patches = lambda x, w: resnet.patches_conv(x, w, (stride, stride), pads)
     steps = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w).astype(jnp.float32) ** 2), argnums=(0, 1)))
              for f in (plain, patches)]
-    t_plain, t_patches = _median_times([lambda f=f: jax.block_until_ready(f(x, w)) for f in steps], args.repeats)
+    t_plain, t_patches = interleaved_medians([lambda f=f: jax.block_until_ready(f(x, w)) for f in steps], args.repeats)
     ho = (shape[1] + 2 * (k // 2) - k) // stride + 1
     flops = 3 * 2 * shape[0] * ho * ho * k * k * shape[-1] * cout
     print(json.dumps(dict(conv=name, input=list(shape), cout=cout, k=k, stride=stride, dtype=args.dtype,
@@ -117,7 +105,7 @@ def bench_step(args):
     run["state"], metrics = run["step"](run["state"], batch)
     jax.block_until_ready(metrics)
 
-  t_plain, t_patches = _median_times([lambda r=r: one(r) for r in runs.values()], args.steps)
+  t_plain, t_patches = interleaved_medians([lambda r=r: one(r) for r in runs.values()], args.steps)
   print(json.dumps(dict(step="xclr_resnet18", image_size=args.image_size, batch_size=args.batch_size,
                         dtype=args.dtype, plain_s=round(t_plain, 3), patches_s=round(t_patches, 3),
                         speedup=round(t_plain / t_patches, 2),

@@ -25,24 +25,12 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
+
+from benchmarks.timing import interleaved_medians
 
 MODELS = ("resnet18", "vit_s16")
 EMBED_DIM = 384
-
-
-def _median_times(fns, repeats):
-  """Runs each fn once to warm up, then `repeats` rounds of all of them interleaved; median seconds per fn."""
-  for fn in fns:
-    fn()
-  times = [[] for _ in fns]
-  for _ in range(repeats):
-    for t, fn in zip(times, fns):
-      t0 = time.perf_counter()
-      fn()
-      t.append(time.perf_counter() - t0)
-  return [statistics.median(t) for t in times]
 
 
 def make_batch(args):
@@ -251,7 +239,7 @@ def bench_model(model, args, torch_ok, note):
     fns.append(t_run)
     extra.append(dict(framework="torch", torch_version=torch.__version__, threads=torch.get_num_threads(),
                       layout=layout, first_step_s=round(t_first, 2), first_loss=round(t_loss, 4)))
-  medians = _median_times(fns, args.steps)
+  medians = interleaved_medians(fns, args.steps)
   rates = []
   for med, ex in zip(medians, extra):
     rates.append(images / med)
