@@ -150,7 +150,7 @@ def _corrupt_shards(directory: Path, n: int = 1000) -> tuple[dict, str]:
   for i in range(n):
     ex = src[i]
     jpg = cv2.imencode(".jpg", ex["image"][..., ::-1])[1].tobytes()
-    key, caption, emb = ex["key"], ex["caption"].encode(), np.asarray(table[ex["caption_id"]], "<f4")
+    key, caption, emb = ex["key"], ex["caption"].encode(), table[ex["caption_id"]]
     kind = corrupt.get(i)
     if kind == 0:
       jpg, bad[key] = jpg[: len(jpg) // 3], "undecodable image"
@@ -160,10 +160,7 @@ def _corrupt_shards(directory: Path, n: int = 1000) -> tuple[dict, str]:
       emb, bad[key] = np.ones(100, "<f4"), "shape (100,)"
     elif kind == 3:
       caption, bad[key] = b"a b\xff\xfeat", "not valid UTF-8"
-    # Built byte by byte (encode_record takes only valid text): header, key, caption, image, embedding.
-    record = b"".join((shards._HEADER.pack(shards.MAGIC, len(key.encode()), len(caption), len(jpg), emb.size, 0, i),
-                       key.encode(), caption, jpg, emb.tobytes()))
-    done = writer.write(record)
+    done = writer.write(shards.encode_record(key=key, caption=caption, image=jpg, embedding=emb, id=i))
     names += [done] if done else []
   last = writer.close()
   names += [last] if last else []

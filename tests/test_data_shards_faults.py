@@ -64,10 +64,8 @@ def _png(seed, h=20, w=20):
 
 
 def _raw_record(key: bytes, caption: bytes, image: bytes, emb: np.ndarray, rid: int) -> bytes:
-  """A record built byte by byte (encode_record only takes str): for key / caption bytes that are not UTF-8."""
-  emb = np.asarray(emb, "<f4")
-  return b"".join((shards._HEADER.pack(shards.MAGIC, len(key), len(caption), len(image), emb.size, 0, rid),
-                   key, caption, image, emb.tobytes()))
+  """A record whose key / caption bytes may not be UTF-8."""
+  return shards.encode_record(key=key, caption=caption, image=image, embedding=emb, id=rid)
 
 
 def _write_dir(directory, records, **manifest):

@@ -169,13 +169,9 @@ class _BatchIterator(grain.DatasetIterator):
   def __next__(self):
     rows = []
     while len(rows) < self._batch_size:
-      try:
-        ex = next(self._parent)
-      except StopIteration:
-        if not rows or self._pad_to is None:
-          raise
-        rows.extend(_filler(self._pad_to) for _ in range(self._batch_size - len(rows)))
-        break
+      # Streams come in whole global batches (ProcessShare; evaluation padded with "pad" elements), so the end
+      # falls between batches; a training batch cut short by skipped records is dropped.
+      ex = next(self._parent)
       self._seen += "pad" not in ex
       self._in_a_row = self._in_a_row + 1 if "bad" in ex else 0
       if "bad" in ex:

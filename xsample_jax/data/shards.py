@@ -40,10 +40,12 @@ class BadRecordError(ValueError):
   """A record that cannot be used (undecodable image, empty caption, wrong embedding); the message names it."""
 
 
-def encode_record(*, key: str, caption: str, image: bytes, embedding: np.ndarray, id: int,  # noqa: A002
-                  dtype=np.float32) -> bytes:
+def encode_record(*, key: str | bytes, caption: str | bytes, image: bytes, embedding: np.ndarray,
+                  id: int, dtype=np.float32) -> bytes:  # noqa: A002
+  """One record; key and caption as text (UTF-8), or as bytes written as they are (records as scraped, which
+  decode_record may then refuse)."""
   emb = np.asarray(embedding).astype(np.dtype(dtype).newbyteorder("<")).reshape(-1)
-  k, c = key.encode("utf-8"), caption.encode("utf-8")
+  k, c = (x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in (key, caption))
   header = _HEADER.pack(MAGIC, len(k), len(c), len(image), emb.size, _DTYPE_CODES[emb.dtype], id)
   return b"".join((header, k, c, bytes(image), emb.tobytes()))
 

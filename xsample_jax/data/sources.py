@@ -309,7 +309,7 @@ def readable_class_names(raw: Sequence[str], class_names: Sequence[str] | str | 
     curated = epath.Path(_asset(CURATED_NAMES[dataset])).read_text().splitlines()
     if names == [str(i) for i in range(len(curated))]:
       return curated
-  if any(re.fullmatch(r"n\d{8}", n) for n in names):
+  if any(_WNID.fullmatch(n) for n in names):
     readable = wordnet_names(names)
     if readable is None:
       raise ValueError(f"{what} are WordNet ids ({names[0]}, ...) outside ImageNet-1k; pass class_names= a list "
@@ -454,18 +454,23 @@ class CaptionShardSource:
     paths = shards.shard_paths(directory, allow_incomplete)
     if not paths:
       raise ValueError(f"{directory} holds no shards (manifest lists none)")
-    readable, self.unreadable = [], []
-    for path in paths:
-      try:
-        shards.ArrayRecordDataSource([path])  # opening reads the file's footer: a truncated file fails here
-        readable.append(path)
-      except (RuntimeError, OSError, ValueError) as e:
-        logging.error("caption shard %s cannot be read (%s: %s); training goes on without its records", path,
-                      type(e).__name__, str(e) or "truncated or damaged")
-        self.unreadable.append(path)
-    if not readable:
-      raise ValueError(f"none of the {len(paths)} shards of {directory} can be read (truncated or damaged files)")
-    self._src = shards.ArrayRecordDataSource(readable)
+    self.unreadable = []
+    try:  # opening reads every file's footer: a truncated file fails here
+      self._src = shards.ArrayRecordDataSource(paths)
+    except (RuntimeError, OSError, ValueError):  # which one(s): open each alone
+      readable = []
+      for path in paths:
+        try:
+          shards.ArrayRecordDataSource([path])
+          readable.append(path)
+        except (RuntimeError, OSError, ValueError) as e:
+          logging.error("caption shard %s cannot be read (%s: %s); training goes on without its records", path,
+                        type(e).__name__, str(e) or "truncated or damaged")
+          self.unreadable.append(path)
+      if not readable:
+        raise ValueError(f"none of the {len(paths)} shards of {directory} can be read (truncated or damaged "
+                         "files)") from None
+      self._src = shards.ArrayRecordDataSource(readable)
 
   def __len__(self) -> int:
     return len(self._src)
