@@ -154,6 +154,15 @@ def test_resume_from_saved_state_yields_identical_batches(procedural, mesh, num_
     _assert_same(_take(reference, 7)[4:], expected)
 
 
+def test_auto_worker_count_follows_the_host_cores():
+  # Threads up to 4 cores (they beat worker processes on 2: benchmarks/results/input_bench_cpu_2core.jsonl).
+  assert [pipeline.default_num_workers(c) for c in (1, 2, 4, 8, 12, 64, 240)] == [0, 0, 0, 4, 6, 16, 16]
+  assert pipeline.resolve_num_workers(-1) == pipeline.default_num_workers(pipeline.host_cores())
+  assert pipeline.resolve_num_workers(3) == 3
+  with pytest.raises(ValueError, match="num_workers must be >= 0, or -1"):
+    pipeline.resolve_num_workers(-2)
+
+
 def _write_shards(directory, records):
   writer = shards.ShardWriter(str(directory), records_per_shard=4)
   for r in records:

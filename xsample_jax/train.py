@@ -66,6 +66,10 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
               "keep_checkpoints"):
     need(config[key] > 0, key, f"must be > 0, got {config[key]}")
   need(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: at the end only)")
+  need(config.data.num_workers >= -1, "data.num_workers",
+       f"must be >= 0 (worker processes; 0: threads in the training process) or -1 (by the host's cores), got "
+       f"{config.data.num_workers}")
+  need(config.data.read_threads > 0, "data.read_threads", f"must be > 0, got {config.data.read_threads}")
   need(0 < config.data.train_fraction <= 1, "data.train_fraction", f"must be in (0, 1], got {config.data.train_fraction}")
   need(config.model.variant in models.IMAGE_TOWERS, "model.variant",
        f"unknown image tower {config.model.variant!r}; valid: {', '.join(models.IMAGE_TOWERS)}")
