@@ -206,7 +206,9 @@ def tokenize_fn(config):
   return functools.partial(tokenizer.tokenize_one, path=path, length=config.data.context_length)
 
 
-def train_iterator(config, source, mesh, start_batch: int = 0):
+def train_iterator(config, source, mesh, start_batch: int = 0, state: dict | None = None):
+  """The loop's batches: global arrays assembled and copied to the devices two batches ahead in a background
+  thread (`pipeline.Prefetch`), from global batch `start_batch` or from a saved iterator `state`."""
   aug = augment.SimCLRAugment(size=config.image_size, crop_scale=tuple(config.augment.crop_scale),
                               jitter_strength=config.augment.jitter_strength,
                               jitter_prob=config.augment.jitter_prob, grayscale_prob=config.augment.grayscale_prob,
@@ -217,7 +219,10 @@ def train_iterator(config, source, mesh, start_batch: int = 0):
                               max_bad_in_a_row=config.data.max_bad_in_a_row,
                               max_bad_fraction=config.data.max_bad_fraction,
                               tokenize_fn=tokenize_fn(config) if config.loss.name in TEXT_LOSSES else None)
-  return iter(ds)
+  it = iter(ds)
+  if state is not None:  # before the read-ahead starts, so nothing is read twice
+    it.set_state(state)
+  return pipeline.Prefetch(it)
 
 
 class _DataState:
@@ -769,9 +774,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = restore_latest(mngr, target)
   if restored is not None:
     start, state, data_state, saved_config = restored
-    it = train_iterator(config, train_source, mesh, start_batch=start if data_state is None else 0)
-    if data_state is not None:
-      it.set_state(data_state)
+    it = train_iterator(config, train_source, mesh, start_batch=start if data_state is None else 0, state=data_state)
     logging.info("resumed from step %d in %s", start, workdir / "checkpoints")
     changes = config_changes(saved_config, config)
     if changes:  # legitimate (a new mesh, more steps), but the run is then not the one that was saved
@@ -826,6 +829,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if config.eval_every_steps and step % config.eval_every_steps == 0 and not end:
         writer.write(step, run_evals(config, graphdef, state, mesh, workdir))
   finally:  # a save in flight completes, and SIGTERM gets its handler back, also when the loop raises
+    it.close()  # its read-ahead stops: the evaluations get the cores
     preemption.restore()
     try:
       mngr.wait_until_finished()

@@ -43,6 +43,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import queue
+import threading
 from typing import Any, Callable
 
 import grain
@@ -219,6 +221,83 @@ class _BatchDataset(grain.IterDataset):
 
   def __str__(self) -> str:
     return f"BatchGoodRecords(batch_size={self._batch_size}, pad={self._pad_to is not None})"
+
+
+class Prefetch:
+  """Assembles the next `size` batches of a `train_dataset` iterator (collation, global arrays, their copy to the
+  devices) in a background thread, so the training loop's next() takes a ready batch while the device runs a step.
+
+  get_state() / metrics() are those of the last batch returned, not of the ones read ahead: a checkpoint refers to
+  the batches the step consumed. An error of the pipeline (BadRecordError) or its end reaches next() in order.
+  """
+
+  def __init__(self, it: _BatchIterator, size: int = 2):
+    if size < 1:
+      raise ValueError(f"prefetch size must be >= 1, got {size}")
+    self._it, self._size = it, size
+    self._state, self._metrics, self._skipped = it.get_state(), it.metrics(), it.skipped
+    self._start()
+
+  def _start(self):
+    self._queue, self._stop = queue.Queue(self._size), threading.Event()
+    self._thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
+    self._thread.start()
+
+  def _fill(self):
+    try:
+      while not self._stop.is_set():
+        batch = next(self._it)
+        self._put((batch, self._it.get_state(), self._it.metrics(), self._it.skipped))
+    except BaseException as e:  # noqa: BLE001 - every failure, and the end (StopIteration), goes to the consumer
+      self._put(e)
+
+  def _put(self, item):
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        pass
+
+  def _halt(self):
+    self._stop.set()
+    while self._thread.is_alive():
+      try:  # unblocks a put waiting for room
+        self._queue.get(timeout=0.1)
+      except queue.Empty:
+        pass
+    self._thread.join()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self._queue.put(item)  # every later call raises it too
+      raise item
+    batch, self._state, self._metrics, self._skipped = item
+    return batch
+
+  @property
+  def skipped(self) -> int:
+    return self._skipped
+
+  def metrics(self) -> dict[str, int]:
+    return self._metrics
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._halt()
+    self._it.set_state(state)
+    self._state, self._metrics, self._skipped = self._it.get_state(), self._it.metrics(), self._it.skipped
+    self._start()
+
+  def close(self) -> None:
+    self._halt()
+    self._it.close()
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
