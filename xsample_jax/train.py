@@ -3,7 +3,8 @@
 Read top to bottom, `train_and_evaluate` is the whole run:
   1. check the config (every error before anything is compiled or written), make the workdir;
   2. the ('data', 'model') mesh; one device order for everything;
-  3. the data: a grain iterator yielding global batches sharded over 'data' (images stay uint8 until on device);
+  3. the data: a grain iterator yielding global batches sharded over 'data' (images stay uint8 until on device),
+     assembled two batches ahead in a background thread;
   4. shapes first: the model and optimizer from `nnx.eval_shape`, shardings from the partitioning rules, then the
      parameters created by `jax.jit(init, out_shardings=...)`, so nothing full-size ever sits on one device;
   5. the step: forward under jit (BatchNorm statistics span the global batch), the loss inside `jax.shard_map` over

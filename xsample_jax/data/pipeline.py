@@ -35,6 +35,8 @@ A dataset-wide problem stops training with BadRecordError instead of searching f
 
 Checkpointing: `it.get_state()` / `it.set_state(state)` (JSON-able dict; also works with
 `grain.checkpoint.CheckpointHandler` in an orbax CheckpointManager) restore the exact stream of batches.
+`Prefetch(it)` assembles a training iterator's next batches in a background thread; its state stays that of the
+last batch it returned.
 Determinism: global batch k depends only on (source, seed, global batch size): not on the number of processes or
 devices, nor on worker counts (until a bad record is skipped: the process that met it reads one element further).
 """
