@@ -143,7 +143,7 @@ def bench_case(name, args):
             "cpu_s_per_step_in_memory": round(cpu[False] / len(mem), 4),
             "cpu_s_per_step_pipeline": round(cpu[True] / len(fed), 4),
             # The host's other load while timing: cores' worth used by other processes (this host has `cpus`).
-            "other_load_cores": round((host["busy"] - host["own"]) / host["total"] * os.cpu_count(), 2)}
+            "other_load_cores": round(max(0.0, host["busy"] - host["own"]) / host["total"] * os.cpu_count(), 2)}
 
 
 def main():
