@@ -27,7 +27,6 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 2000
   c.data.train, c.data.train_split = f"shards:/mnt/data/{arg.data}", "train"
   c.data.eval, c.data.eval_split = "tfds:imagenet2012", "validation"
-  c.data.num_workers = 16
   c.model.dtype = "bfloat16"
   c.model.text = "text_b"
   c.loss.name = arg.loss

@@ -30,7 +30,6 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 2000
   c.data.train, c.data.train_split = "tfds:imagenet2012", "train"
   c.data.eval, c.data.eval_split = "tfds:imagenet2012", "validation"
-  c.data.num_workers = 16
   c.model.head = (2048, 2048, 128)
   c.model.dtype = "bfloat16"
   c.loss.name = arg.loss

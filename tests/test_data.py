@@ -1,6 +1,7 @@
 """The grain pipelines: TFDS label source to a sharded global batch, process slicing, exact resume, bad records."""
 import json
 import logging
+import time
 
 import jax
 import numpy as np
@@ -154,6 +155,15 @@ def test_resume_from_saved_state_yields_identical_batches(procedural, mesh, num_
     _assert_same(_take(reference, 7)[4:], expected)
 
 
+def test_auto_worker_count_follows_the_host_cores():
+  # Threads up to 4 cores (they beat worker processes on 2: benchmarks/results/input_bench_cpu_2core.jsonl).
+  assert [pipeline.default_num_workers(c) for c in (1, 2, 4, 8, 12, 64, 240)] == [0, 0, 0, 4, 6, 16, 16]
+  assert pipeline.resolve_num_workers(-1) == pipeline.default_num_workers(pipeline.host_cores())
+  assert pipeline.resolve_num_workers(3) == 3
+  with pytest.raises(ValueError, match="num_workers must be >= 0, or -1"):
+    pipeline.resolve_num_workers(-2)
+
+
 def _write_shards(directory, records):
   writer = shards.ShardWriter(str(directory), records_per_shard=4)
   for r in records:
@@ -214,6 +224,36 @@ def test_strict_mode_raises_naming_the_record(shards_with_bad_records):
                               process_count=1, strict=True)
   with pytest.raises(shards.BadRecordError, match=r"'k(2|5|9)'"):
     next(iter(ds))
+
+
+def test_prefetch_reads_ahead_but_its_state_is_the_last_batch_returned(procedural, mesh):
+  def make():
+    return iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=7, mesh=mesh))
+  plain, ahead = make(), pipeline.Prefetch(make(), size=2)
+  expected = _take(plain, 4)
+  _assert_same(_take(ahead, 2), expected[:2])
+  time.sleep(0.5)  # let it read ahead
+  assert ahead.get_state() == json.loads(json.dumps(ahead.get_state())) != plain.get_state()
+  restored = make()
+  restored.set_state(ahead.get_state())  # a checkpoint taken now resumes at batch 3, not after the read-ahead
+  _assert_same(_take(restored, 2), expected[2:])
+  ahead.set_state(restored.get_state())  # and set_state drops what was read ahead
+  _assert_same(_take(ahead, 1), _take(plain, 1))
+  for it in (plain, ahead, restored):
+    it.close()
+
+
+def test_prefetch_passes_errors_and_the_end_on_in_order(shards_with_bad_records):
+  src, _ = shards_with_bad_records
+  strict = pipeline.Prefetch(iter(pipeline.train_dataset(src, global_batch_size=12, augment=AUG, seed=0, num_epochs=1,
+                                                         process_index=0, process_count=1, strict=True)))
+  for _ in range(2):  # and again on the next call
+    with pytest.raises(shards.BadRecordError, match=r"'k(2|5|9)'"):
+      next(strict)
+  it = pipeline.Prefetch(iter(pipeline.train_dataset(src, global_batch_size=3, augment=AUG, seed=0, num_epochs=1,
+                                                     process_index=0, process_count=1)))
+  assert len(list(it)) == 3 and it.skipped == 3 and it.metrics() == {"data/skipped_records": 3}
+  it.close()
 
 
 def test_eval_batches_are_padded_and_centre_cropped(mesh):

@@ -107,6 +107,8 @@ BAD_CONFIGS = [
     ({"mesh.data": 16}, "config.mesh.data: data=16 x model=1 needs more than the 8 devices"),
     ({"data.train": "folder:/no/such/dir"}, "config.data.train: 'folder:/no/such/dir' cannot be read"),
     ({"data.train": "tfds:no_such_dataset"}, "config.data.train: 'tfds:no_such_dataset' cannot be read"),
+    ({"data.num_workers": -2}, r"config.data.num_workers: must be >= 0 .* or -1 \(by the host's cores\), got -2"),
+    ({"data.read_threads": 0}, "config.data.read_threads: must be > 0"),
 ]
 
 

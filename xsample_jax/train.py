@@ -3,7 +3,8 @@
 Read top to bottom, `train_and_evaluate` is the whole run:
   1. check the config (every error before anything is compiled or written), make the workdir;
   2. the ('data', 'model') mesh; one device order for everything;
-  3. the data: a grain iterator yielding global batches sharded over 'data' (images stay uint8 until on device);
+  3. the data: a grain iterator yielding global batches sharded over 'data' (images stay uint8 until on device),
+     assembled two batches ahead in a background thread;
   4. shapes first: the model and optimizer from `nnx.eval_shape`, shardings from the partitioning rules, then the
      parameters created by `jax.jit(init, out_shardings=...)`, so nothing full-size ever sits on one device;
   5. the step: forward under jit (BatchNorm statistics span the global batch), the loss inside `jax.shard_map` over
@@ -66,6 +67,10 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
               "keep_checkpoints"):
     need(config[key] > 0, key, f"must be > 0, got {config[key]}")
   need(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0 (0: at the end only)")
+  need(config.data.num_workers >= -1, "data.num_workers",
+       f"must be >= 0 (worker processes; 0: threads in the training process) or -1 (by the host's cores), got "
+       f"{config.data.num_workers}")
+  need(config.data.read_threads > 0, "data.read_threads", f"must be > 0, got {config.data.read_threads}")
   need(0 < config.data.train_fraction <= 1, "data.train_fraction", f"must be in (0, 1], got {config.data.train_fraction}")
   need(config.model.variant in models.IMAGE_TOWERS, "model.variant",
        f"unknown image tower {config.model.variant!r}; valid: {', '.join(models.IMAGE_TOWERS)}")
@@ -202,7 +207,9 @@ def tokenize_fn(config):
   return functools.partial(tokenizer.tokenize_one, path=path, length=config.data.context_length)
 
 
-def train_iterator(config, source, mesh, start_batch: int = 0):
+def train_iterator(config, source, mesh, start_batch: int = 0, state: dict | None = None):
+  """The loop's batches: global arrays assembled and copied to the devices two batches ahead in a background
+  thread (`pipeline.Prefetch`), from global batch `start_batch` or from a saved iterator `state`."""
   aug = augment.SimCLRAugment(size=config.image_size, crop_scale=tuple(config.augment.crop_scale),
                               jitter_strength=config.augment.jitter_strength,
                               jitter_prob=config.augment.jitter_prob, grayscale_prob=config.augment.grayscale_prob,
@@ -213,7 +220,10 @@ def train_iterator(config, source, mesh, start_batch: int = 0):
                               max_bad_in_a_row=config.data.max_bad_in_a_row,
                               max_bad_fraction=config.data.max_bad_fraction,
                               tokenize_fn=tokenize_fn(config) if config.loss.name in TEXT_LOSSES else None)
-  return iter(ds)
+  it = iter(ds)
+  if state is not None:  # before the read-ahead starts, so nothing is read twice
+    it.set_state(state)
+  return pipeline.Prefetch(it)
 
 
 class _DataState:
@@ -765,9 +775,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   restored = restore_latest(mngr, target)
   if restored is not None:
     start, state, data_state, saved_config = restored
-    it = train_iterator(config, train_source, mesh, start_batch=start if data_state is None else 0)
-    if data_state is not None:
-      it.set_state(data_state)
+    it = train_iterator(config, train_source, mesh, start_batch=start if data_state is None else 0, state=data_state)
     logging.info("resumed from step %d in %s", start, workdir / "checkpoints")
     changes = config_changes(saved_config, config)
     if changes:  # legitimate (a new mesh, more steps), but the run is then not the one that was saved
@@ -822,6 +830,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if config.eval_every_steps and step % config.eval_every_steps == 0 and not end:
         writer.write(step, run_evals(config, graphdef, state, mesh, workdir))
   finally:  # a save in flight completes, and SIGTERM gets its handler back, also when the loop raises
+    it.close()  # its read-ahead stops: the evaluations get the cores
     preemption.restore()
     try:
       mngr.wait_until_finished()

@@ -35,6 +35,8 @@ A dataset-wide problem stops training with BadRecordError instead of searching f
 
 Checkpointing: `it.get_state()` / `it.set_state(state)` (JSON-able dict; also works with
 `grain.checkpoint.CheckpointHandler` in an orbax CheckpointManager) restore the exact stream of batches.
+`Prefetch(it)` assembles a training iterator's next batches in a background thread; its state stays that of the
+last batch it returned.
 Determinism: global batch k depends only on (source, seed, global batch size): not on the number of processes or
 devices, nor on worker counts (until a bad record is skipped: the process that met it reads one element further).
 """
@@ -42,6 +44,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import queue
+import threading
 from typing import Any, Callable
 
 import grain
@@ -220,6 +225,83 @@ class _BatchDataset(grain.IterDataset):
     return f"BatchGoodRecords(batch_size={self._batch_size}, pad={self._pad_to is not None})"
 
 
+class Prefetch:
+  """Assembles the next `size` batches of a `train_dataset` iterator (collation, global arrays, their copy to the
+  devices) in a background thread, so the training loop's next() takes a ready batch while the device runs a step.
+
+  get_state() / metrics() are those of the last batch returned, not of the ones read ahead: a checkpoint refers to
+  the batches the step consumed. An error of the pipeline (BadRecordError) or its end reaches next() in order.
+  """
+
+  def __init__(self, it: _BatchIterator, size: int = 2):
+    if size < 1:
+      raise ValueError(f"prefetch size must be >= 1, got {size}")
+    self._it, self._size = it, size
+    self._state, self._metrics, self._skipped = it.get_state(), it.metrics(), it.skipped
+    self._start()
+
+  def _start(self):
+    self._queue, self._stop = queue.Queue(self._size), threading.Event()
+    self._thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
+    self._thread.start()
+
+  def _fill(self):
+    try:
+      while not self._stop.is_set():
+        batch = next(self._it)
+        self._put((batch, self._it.get_state(), self._it.metrics(), self._it.skipped))
+    except BaseException as e:  # noqa: BLE001 - every failure, and the end (StopIteration), goes to the consumer
+      self._put(e)
+
+  def _put(self, item):
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        pass
+
+  def _halt(self):
+    self._stop.set()
+    while self._thread.is_alive():
+      try:  # unblocks a put waiting for room
+        self._queue.get(timeout=0.1)
+      except queue.Empty:
+        pass
+    self._thread.join()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self._queue.put(item)  # every later call raises it too
+      raise item
+    batch, self._state, self._metrics, self._skipped = item
+    return batch
+
+  @property
+  def skipped(self) -> int:
+    return self._skipped
+
+  def metrics(self) -> dict[str, int]:
+    return self._metrics
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._halt()
+    self._it.set_state(state)
+    self._state, self._metrics, self._skipped = self._it.get_state(), self._it.metrics(), self._it.skipped
+    self._start()
+
+  def close(self) -> None:
+    self._halt()
+    self._it.close()
+
+
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax
@@ -276,7 +358,34 @@ class ProcessShare(grain.MapDataset):
     return f"ProcessShare(index={self._index}, count={self._count}, local_batch={self._local}, start={self._start})"
 
 
+def host_cores() -> int:
+  """CPU cores this process may run on (its affinity mask: a container's or taskset's share, not the machine's)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_workers(cores: int | None = None) -> int:
+  """Worker processes for `num_workers=-1`: none (grain's read threads in this process) up to 4 cores, else one per
+  two cores, at most 16.
+
+  Read threads share the GIL, so they top out near one core, but pay no pickling or inter-process copies: on 2
+  cores they ran 301 images/s at 224 px against 226 with 2 workers, 607 against 612 at the 32 px smoke setting
+  (benchmarks/input_bench.py; results in benchmarks/results/), and a CPU run's step needs the other core. With more
+  cores than that, processes scale past the GIL; half the cores leave the rest to the training process and the
+  runtime, and 16 is what a TPU host's pipeline needs (the ImageNet and CC configs' former fixed setting).
+  """
+  cores = host_cores() if cores is None else cores
+  return 0 if cores <= 4 else min(16, cores // 2)
+
+
+def resolve_num_workers(num_workers: int) -> int:
+  """num_workers, or for -1 (auto) `default_num_workers()` for this host."""
+  if num_workers < -1:
+    raise ValueError(f"num_workers must be >= 0, or -1 for the host's default; got {num_workers}")
+  return default_num_workers() if num_workers == -1 else num_workers
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
+  num_workers = resolve_num_workers(num_workers)
   # Enough read-ahead for a batch and a half, so the threads (or each worker's threads) never starve.
   per_worker = max(2, -(-3 * local_batch // (2 * max(1, num_workers))))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
@@ -300,6 +409,8 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
   Each process reads only its share of each global batch of the shuffled stream (`ProcessShare`) and augments with
   a generator keyed by the element's position in the stream, so global batch k (its examples, their order and their
   augmentations) does not depend on the number of processes, and no two epochs share augmentation randomness.
+  num_workers: grain worker processes running the augmentation (0: grain's read threads in this process; -1: the
+  host's default, `default_num_workers()`); read_threads: threads reading and augmenting (per worker).
   tokenize_fn: adds "tokens" / "token_mask" [2b, L] from each caption (picklable; see the module docstring).
   start_batch: the first global batch to yield (a resume on another process layout; same-layout resumes restore
   the iterator's state instead).

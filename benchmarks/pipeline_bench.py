@@ -1,0 +1,168 @@
+"""Does the train step wait for data? The trainer's step fed by the real input pipeline vs the same step on one
+in-memory batch, in one process.
+
+    python -m benchmarks.pipeline_bench                       # both cases, 3 rounds
+    python -m benchmarks.pipeline_bench --cases smoke --rounds 5 --steps 10
+
+Cases:
+  smoke:   configs/smoke.py as it is: the procedural default rendered at 48 px, two 32 px views, resnet_tiny, 64 images.
+  jpeg224: configs/cc.py (data=cc3m, loss=xclr) on caption shards of 256 px JPEGs written here with the project's
+           writer (benchmarks/input_bench._jpeg_shards), two 224 px views; --model and --batch (default ResNet-18,
+           8 images: a few seconds a step on a 2-core CPU), float32 (bfloat16 is the TPU setting).
+Both use the config's own data.num_workers and data.read_threads (the default -1 resolves to
+`pipeline.default_num_workers()` for this host) and the config's mesh over the host's devices.
+
+Per case, the step (`train.make_train_step`) runs in alternating phases, --rounds of each:
+  in-memory: the first pipeline batch, already on device, every step;
+  pipeline:  as the training loop does it: dispatch the step, fetch the next batch (`train.train_iterator` over the
+             real source; the time blocked in next(it) is the data wait), then block on the step's output, so each
+             step is timed on its own (the loop itself syncs only at log steps, which can only hide more).
+Each phase runs --warmup untimed steps (the switch: read-ahead refills, caches settle), then --steps timed ones. One
+JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05) and the data-wait fraction,
+sum of waits / sum of pipeline step times (target <= 0.05), the `data_wait / step_time` the trainer logs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+
+from benchmarks import input_bench
+from configs import cc, smoke
+from xsample_jax import train
+from xsample_jax.data import pipeline
+
+
+def smoke_case(args, tmp):
+  del args, tmp
+  config = smoke.get_config()
+  return config, train.get_source(config, config.data.train, config.data.train_split)
+
+
+def jpeg224_case(args, tmp):
+  config = cc.get_config("data=cc3m,loss=xclr")
+  config.data.train = f"shards:{tmp}"
+  config.batch_size = args.batch
+  config.model.variant = args.model
+  config.model.dtype = "float32"
+  return config, input_bench._jpeg_shards(tmp, args.records)
+
+
+CASES = {"smoke": smoke_case, "jpeg224": jpeg224_case}
+
+
+def _host_busy() -> tuple[float, float]:
+  """(busy, total) CPU seconds of the whole host since boot (/proc/stat), to tell how loaded it was."""
+  with open("/proc/stat") as f:
+    ticks = [int(v) for v in f.readline().split()[1:9]]
+  hz = os.sysconf("SC_CLK_TCK")
+  return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
+
+
+def _own_cpu() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
+def bench_case(name, args):
+  with tempfile.TemporaryDirectory() as tmp:
+    config, source = CASES[name](args, tmp)
+    train.check_config(config)
+    mesh = train.make_mesh(config)
+    table = None
+    if config.loss.name == "xclr" and train.graph_kind(config, source) == "class":
+      table = jax.device_put(train.class_similarity(source), train.sharding.replicated(mesh))
+    graphdef, _, shardings = train.abstract_state(config, mesh)
+    step = train.make_train_step(config, graphdef, shardings, mesh, train.make_loss_fn(config, mesh, table))
+    state = train.init_state(config, shardings)
+    it = train.train_iterator(config, source, mesh)
+    t0 = time.perf_counter()
+    batch = next(it)
+    first_batch = time.perf_counter() - t0
+    in_memory = batch
+    t0 = time.perf_counter()
+    state, metrics = step(state, in_memory)
+    jax.block_until_ready((state, metrics))
+    first_step = time.perf_counter() - t0
+
+    cpu = {False: 0.0, True: 0.0}  # this process's CPU seconds in the timed steps, per kind of phase
+    host = {"busy": 0.0, "total": 0.0, "own": 0.0}
+
+    def phase(fed, n, timed=True):
+      """n steps; (wall seconds per step, seconds blocked in next(it) per step)."""
+      nonlocal state, batch
+      times, waits = [], []
+      own, (busy, total) = _own_cpu(), _host_busy()
+      last = time.perf_counter()
+      for _ in range(n):
+        if fed:
+          state, metrics = step(state, batch)  # dispatched asynchronously
+          t0 = time.perf_counter()
+          batch = next(it)  # the host fetches the next batch while the device runs this step
+          waits.append(time.perf_counter() - t0)
+        else:
+          state, metrics = step(state, in_memory)
+        jax.block_until_ready((state, metrics))
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+      if timed:
+        own, (busy, total) = _own_cpu() - own, (b - a for a, b in zip((busy, total), _host_busy()))
+        cpu[fed] += own
+        host["busy"], host["total"], host["own"] = host["busy"] + busy, host["total"] + total, host["own"] + own
+      return times, waits
+
+    mem, fed, waits = [], [], []
+    for _ in range(args.rounds):
+      phase(False, args.warmup, timed=False)
+      mem += phase(False, args.steps)[0]
+      phase(True, args.warmup, timed=False)
+      t, w = phase(True, args.steps)
+      fed += t
+      waits += w
+    it.close()
+    m_mem, m_fed = statistics.median(mem), statistics.median(fed)
+    return {"bench": "pipeline_vs_in_memory_step", "case": name, "model": config.model.variant,
+            "batch_size": config.batch_size, "image_size": config.image_size, "data": config.data.train,
+            "source_records": len(source), "num_workers": config.data.num_workers,
+            "workers_used": pipeline.resolve_num_workers(config.data.num_workers),
+            "read_threads": config.data.read_threads, "devices": jax.device_count(),
+            "cpus": len(os.sched_getaffinity(0)), "rounds": args.rounds, "steps_per_phase": args.steps,
+            "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),
+            "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),
+            "step_time_pipeline": round(m_fed, 4), "ratio": round(m_fed / m_mem, 3),
+            "data_wait_fraction": round(sum(waits) / sum(fed), 4),
+            "data_wait_median_s": round(statistics.median(waits), 4),
+            "images_per_s_in_memory": round(config.batch_size / m_mem, 1),
+            "images_per_s_pipeline": round(config.batch_size / m_fed, 1),
+            "cpu_s_per_step_in_memory": round(cpu[False] / len(mem), 4),
+            "cpu_s_per_step_pipeline": round(cpu[True] / len(fed), 4),
+            # The host's other load while timing: cores' worth used by other processes (this host has `cpus`).
+            "other_load_cores": round(max(0.0, host["busy"] - host["own"]) / host["total"] * os.cpu_count(), 2)}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  ap.add_argument("--rounds", type=int, default=3, help="in-memory / pipeline phase pairs")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps per phase")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each phase")
+  ap.add_argument("--model", default="resnet18", help="jpeg224: the image tower")
+  ap.add_argument("--batch", type=int, default=8, help="jpeg224: global images per step (two views each)")
+  ap.add_argument("--records", type=int, default=512, help="jpeg224: JPEG records written")
+  ap.add_argument("--note", default="", help="free text added to every line")
+  args = ap.parse_args()
+  for name in args.cases:
+    row = bench_case(name, args)
+    if args.note:
+      row["note"] = args.note
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
