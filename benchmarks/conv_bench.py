@@ -10,7 +10,8 @@ that `resnet.use_patches` picks (window larger than the input or output, or stri
 
 One JSON line per conv shape: GFLOP/s of a jitted forward+backward (gradients w.r.t. input and kernel, 3x the
 forward FLOPs) for both forms, and their ratio. Then one line for the X-CLR train step (model.variant resnet18,
-stem imagenet, sgd, one device) with the patches path off (resnet.PATCHES_CONV = False) and on. Variants are measured
+stem imagenet, sgd, one device) with the CPU rewrites off (resnet.PATCHES_CONV = False: plain XLA convs and
+nnx.max_pool) and on (patches-matmul convs, kernel gradients as matmuls, the slice max-pool). Variants are measured
 interleaved in this one process; times are medians of --repeats (--steps for the train step) after a warm-up.
 """
 from __future__ import annotations

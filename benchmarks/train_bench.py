@@ -18,6 +18,11 @@ torchvision): the models are written here; `torch.set_num_threads(os.cpu_count()
 
 Steps are timed interleaved (one JAX step, one torch step, ...) in this one process after a warm-up (compile) step;
 medians of --steps. One JSON line per (model, framework), then a summary line per model with jax / torch images/s.
+
+With torch, the summary also carries `matmul_chain_jax_over_torch`: the tower's own matmuls alone (for ViT-S/16 the
+qkv, output and two MLP projections of every block on the 2B x tokens rows; for ResNet-18 none, its FLOPs are
+convolutions), forward and backward, as a bare chain in each framework, timed interleaved in the same run. It is
+the ratio the step could reach if everything around the matmuls cost nothing in either framework.
 """
 from __future__ import annotations
 
@@ -224,6 +229,32 @@ def torch_step(model, args, np_batch, head):
   return run, time.perf_counter() - t0, loss, ("channels_last" if channels_last else "nchw")
 
 
+def matmul_chain(args):
+  """(jax_fn, torch_fn) running ViT-S/16's projection matmuls, forward and backward, with nothing around them."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  rows, d, f, depth = 2 * args.batch_size * (args.image_size // 16) ** 2, 384, 1536, 12
+  rng = np.random.default_rng(0)
+  ws = [[(rng.normal(size=s) * 0.02).astype(np.float32) for s in ((d, 3 * d), (d, d), (d, f), (f, d))]
+        for _ in range(depth)]
+  x = rng.normal(size=(rows, d)).astype(np.float32)
+
+  def chain(ws, x):  # residual adds keep every matmul's input gradient live, as in the tower
+    for w_qkv, w_out, w_1, w_2 in ws:
+      x = x + (x @ w_qkv)[:, :d] @ w_out
+      x = x + (x @ w_1) @ w_2
+    return (x * x).sum()
+
+  grad = jax.jit(jax.grad(chain, argnums=(0, 1)))
+  j_ws, j_x = jax.tree.map(jnp.asarray, ws), jnp.asarray(x)
+  t_ws = [[torch.tensor(w, requires_grad=True) for w in layer] for layer in ws]
+  t_x = torch.tensor(x, requires_grad=True)
+  return (lambda: jax.block_until_ready(grad(j_ws, j_x))), (lambda: chain(t_ws, t_x).backward())
+
+
 def bench_model(model, args, torch_ok, note):
   np_batch = make_batch(args)
   images = args.batch_size  # images per step (each as 2 views)
@@ -248,6 +279,10 @@ def bench_model(model, args, torch_ok, note):
   summary = dict(common, bench="train_step_summary", jax_images_per_s=round(rates[0], 2))
   if torch_ok:
     summary.update(torch_images_per_s=round(rates[1], 2), jax_over_torch=round(rates[0] / rates[1], 3))
+    if model == "vit_s16":
+      jax_s, torch_s = interleaved_medians(matmul_chain(args), args.steps)
+      summary.update(matmul_chain_jax_s=round(jax_s, 4), matmul_chain_torch_s=round(torch_s, 4),
+                     matmul_chain_jax_over_torch=round(torch_s / jax_s, 3))
   else:
     summary["torch"] = "not installed"
   print(json.dumps(summary), flush=True)

@@ -81,6 +81,54 @@ def test_no_convolution_left_in_the_small_conv_gradient():
   assert "convolution(" in plain.lower(x, w).compile().as_text()
 
 
+# (input H, W, kernel, stride, padding) of kernel gradients as a matmul: ResNet's stem and stage-1 forms, odd sizes,
+# a 1x1, and a 1x1 input where only the centre tap sees data (the others get a zero gradient).
+WGRAD_SHAPES = [((16, 16), 3, 1, 1), ((17, 15), 3, 2, 1), ((32, 32), 7, 2, 3), ((16, 16), 1, 1, 0),
+                ((1, 1), 3, 1, 1)]
+
+
+@pytest.mark.parametrize("hw,k,stride,pad", WGRAD_SHAPES)
+def test_matmul_wgrad_conv_equals_lax_conv_float64(hw, k, stride, pad):
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, *hw, 3), jnp.float64)
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 4), jnp.float64)
+    pads = ((pad, pad),) * 2
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=NHWC)
+    t = jax.random.normal(jax.random.key(2), plain(x, w).shape, jnp.float64)
+    want = _value_and_grads(plain, x, w, t)
+    got = _value_and_grads(lambda x, w: resnet.matmul_wgrad_conv(x, w, (stride, stride), pads), x, w, t)
+    for a, b, name in zip(got, want, ("out", "d_input", "d_kernel")):
+      assert a.dtype == jnp.float64 and a.shape == b.shape, name
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_large_maps_take_the_kernel_gradient_as_a_matmul():
+  """From 8 x 8 outputs up the compiled gradient keeps XLA's forward and input-gradient convs, and no third conv (the
+  kernel gradient, a conv over the whole map that XLA:CPU runs at ~20-35 GFLOP/s); below, all three stay."""
+  grad = lambda hw: jax.jit(jax.grad(lambda x, w: jnp.sum(_ours(x, w, 1, 3) ** 2), argnums=(0, 1))).lower(
+      jnp.zeros((2, *hw, 8)), jnp.zeros((3, 3, 8, 8))).compile().as_text().count(" convolution(")
+  assert resnet.use_matmul_wgrad((8, 8)) and not resnet.use_matmul_wgrad((4, 4))
+  assert grad((8, 8)) == 2
+  assert grad((4, 4)) == 3
+
+
+@pytest.mark.parametrize("shape,window,stride,pad", [((2, 8, 8, 3), 3, 2, 1), ((2, 7, 9, 2), 3, 2, 1),
+                                                     ((1, 2, 2, 1), 3, 2, 1), ((2, 6, 6, 2), 2, 2, 0),
+                                                     ((1, 5, 5, 2), 3, 1, 1)])
+def test_max_pool_equals_nnx_max_pool_with_ties_float64(shape, window, stride, pad):
+  """Values in {0, 1, 2}: most windows hold their maximum more than once, and the gradient must go where
+  nnx.max_pool's goes (the first maximum in row-major order), not to every maximum."""
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), jnp.float64)
+    args = (window, window), (stride, stride), ((pad, pad),) * 2
+    ref = lambda x: nnx.max_pool(x, args[0], strides=args[1], padding=args[2])
+    ours = lambda x: resnet.max_pool(x, *args)
+    t = jnp.asarray(np.random.default_rng(1).normal(size=ref(x).shape))
+    np.testing.assert_array_equal(ours(x), ref(x))
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(ours(x) * t))(x),
+                               jax.grad(lambda x: jnp.sum(ref(x) * t))(x), rtol=1e-12, atol=1e-12)
+
+
 def test_resnet_convs_keep_nnx_conv_parameters():
   tower = nnx.eval_shape(lambda: models.make_image_tower("resnet18", rngs=nnx.Rngs(0)))
   state = nnx.to_pure_dict(nnx.state(tower, nnx.Param))

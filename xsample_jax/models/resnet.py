@@ -10,6 +10,7 @@ build the model with `bn_axis_name='data'` to pmean the statistics across device
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,28 @@ VARIANTS = {
 }
 
 
-# False: every conv is a plain XLA conv (read at trace time; benchmarks/conv_bench.py compares the two).
+# False: every conv is a plain XLA conv, forward and gradients, and the stem's max-pool is `nnx.max_pool` (read at
+# trace time; benchmarks/conv_bench.py compares the two).
 PATCHES_CONV = True
+# Kernel gradients as a matmul (`matmul_wgrad_conv`) from this many output positions (Ho * Wo) up, on CPU. The ResNet-18
+# 64 px X-CLR step (batch 128 x 2, 2 cores): 2.50 s with none, 2.05 s from 256 up (the stem and stage 1), 2.01 s from
+# 64 up (and stage 2), 1.98 s from 16 up, measured interleaved in one process.
+MATMUL_WGRAD_MIN_POSITIONS = 64
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _taps(x, kh, kw, strides, padding, pad_value=0.0):
+  """The k*k shifted, strided windows of x (NHWC) padded with `pad_value`: ([B, Ho, Wo, C] per tap, taps (i, j)),
+  leaving out taps that only ever see padding."""
+  (b, h, wd, c) = x.shape
+  (ph, pw), (sh, sw) = padding, strides
+  ho, wo = (h + sum(ph) - kh) // sh + 1, (wd + sum(pw) - kw) // sw + 1
+  touches = lambda i, lo, size, s, n: any(lo <= i + s * t < lo + size for t in range(n))
+  taps = [(i, j) for i in range(kh) for j in range(kw)
+          if touches(i, ph[0], h, sh, ho) and touches(j, pw[0], wd, sw, wo)]
+  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=pad_value)
+  return [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+          for i, j in taps], taps
 
 
 def patches_conv(x, w, strides, padding, *, precision=None, preferred_element_type=None):
@@ -47,19 +67,52 @@ def patches_conv(x, w, strides, padding, *, precision=None, preferred_element_ty
   contracts [B, Ho, Wo, taps*C] with the kernel reshaped to [taps*C, O]. Its autodiff is matmuls, slices and pads:
   no convolution, so nothing for XLA to rewrite.
   """
-  (b, h, wd, c), (kh, kw, _, o) = x.shape, w.shape
-  (ph, pw), (sh, sw) = padding, strides
-  ho, wo = (h + sum(ph) - kh) // sh + 1, (wd + sum(pw) - kw) // sw + 1
-  touches = lambda i, lo, size, s, n: any(lo <= i + s * t < lo + size for t in range(n))
-  taps = [(i, j) for i in range(kh) for j in range(kw)
-          if touches(i, ph[0], h, sh, ho) and touches(j, pw[0], wd, sw, wo)]
-  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  cols = [jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
-          for i, j in taps]
+  cols, taps = _taps(x, w.shape[0], w.shape[1], strides, padding)
   patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
   kernel = jnp.concatenate([w[i, j] for i, j in taps], axis=0) if len(taps) > 1 else w[taps[0]]
   return jax.lax.dot_general(patches, kernel, (((3,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def matmul_wgrad_conv(x, w, strides, padding, precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` (NHWC x HWIO) whose kernel gradient is one matmul, patches^T @ dy.
+
+  XLA:CPU computes a kernel gradient as a convolution whose window is the whole feature map, at 20-35 GFLOP/s on
+  ResNet-18's stem and stage 1 at 64 px, against ~140 for the forward conv (benchmarks/conv_bench.py). The value and
+  the input gradient stay XLA's convs.
+  """
+  return _xla_conv(x, w, strides, padding, precision, preferred_element_type)
+
+
+def _xla_conv(x, w, strides, padding, precision, preferred_element_type):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision,
+                                      preferred_element_type=preferred_element_type)
+
+
+def _matmul_wgrad_fwd(x, w, strides, padding, precision, preferred_element_type):
+  return matmul_wgrad_conv(x, w, strides, padding, precision, preferred_element_type), (x, w)
+
+
+def _matmul_wgrad_bwd(strides, padding, precision, preferred_element_type, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, precision, preferred_element_type), x)
+  (dx,) = input_vjp(dy)
+  kh, kw, c, o = w.shape
+  cols, taps = _taps(x, kh, kw, strides, padding)
+  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  # Positions flattened: a plain 2-D [taps*C, P] x [P, O] matmul (1.3-1.6x the 4-D contraction, measured).
+  dw = jax.lax.dot_general(patches.reshape(-1, patches.shape[-1]), dy.astype(x.dtype).reshape(-1, o),
+                           (((0,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+  dw = dw.reshape(len(taps), c, o)
+  if len(taps) < kh * kw:  # taps that only see padding get no gradient
+    full = jnp.zeros((kh * kw, c, o), dw.dtype)
+    dw = full.at[jnp.array([i * kw + j for i, j in taps])].set(dw)
+  return dx, dw.reshape(kh, kw, c, o).astype(w.dtype)
+
+
+matmul_wgrad_conv.defvjp(_matmul_wgrad_fwd, _matmul_wgrad_bwd)
 
 
 def use_patches(in_hw, out_hw, kernel_hw, strides) -> bool:
@@ -73,10 +126,17 @@ def use_patches(in_hw, out_hw, kernel_hw, strides) -> bool:
   return tuple(kernel_hw) == (1, 1) and any(s > 1 for s in strides)
 
 
+def use_matmul_wgrad(out_hw) -> bool:
+  """Whether a plain-layout conv with this output size gets its kernel gradient as a matmul (CPU only: elsewhere
+  XLA's own kernel-gradient conv is fast, and the patches would cost k*k times the input's memory)."""
+  return PATCHES_CONV and jax.default_backend() == "cpu" and out_hw[0] * out_hw[1] >= MATMUL_WGRAD_MIN_POSITIONS
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, out_sharding=None,
                          preferred_element_type=None, **kwargs):
-  """`jax.lax.conv_general_dilated`, but a patches-matmul (`patches_conv`) where `use_patches` says so.
+  """`jax.lax.conv_general_dilated`, but a patches-matmul (`patches_conv`) where `use_patches` says so, and with its
+  kernel gradient as a matmul (`matmul_wgrad_conv`) where `use_matmul_wgrad` says so.
 
   Chosen at trace time from the static shapes, for NHWC/HWIO convs without dilation or groups. XLA:CPU's algebraic
   simplifier swaps the operands of a conv whose input is smaller than its window (the kernel becomes the lhs, with
@@ -95,10 +155,57 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if plain_layout and use_patches(lhs.shape[1:3], out_hw, rhs.shape[:2], strides):
     return patches_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in pads), precision=precision,
                         preferred_element_type=preferred_element_type)
+  if plain_layout and use_matmul_wgrad(out_hw):
+    return matmul_wgrad_conv(lhs, rhs, strides, tuple(tuple(p) for p in pads), precision, preferred_element_type)
   return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, precision=precision,
                                       preferred_element_type=preferred_element_type, out_sharding=out_sharding,
                                       **kwargs)
+
+
+def max_pool(x, window, strides, padding):
+  """NHWC max-pool as the max of the window's shifted slices, with the gradient of `nnx.max_pool`: each output's
+  gradient goes to the first maximum of its window in row-major order.
+
+  XLA:CPU's gradient of a reduce-window max (select-and-scatter, expanded with iotas over the padded input) took
+  ~390 ms of the 2.4 s ResNet-18 64 px step; this one is a few elementwise passes. Equal to nnx.max_pool, value and
+  gradient, including ties (tests/test_resnet_conv.py).
+  """
+  if not PATCHES_CONV:
+    return nnx.max_pool(x, window, strides=strides, padding=padding)
+  return _max_pool(x, tuple(window), tuple(strides), tuple(tuple(p) for p in padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, padding):
+  cols, _ = _taps(x, *window, strides, padding, pad_value=-jnp.inf)
+  return functools.reduce(jnp.maximum, cols)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  out = _max_pool(x, window, strides, padding)
+  return out, (x, out)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, g):
+  x, out = residuals
+  cols, taps = _taps(x, *window, strides, padding, pad_value=-jnp.inf)
+  (ph, pw), (sh, sw) = padding, strides
+  b, h, w, c = x.shape
+  hp, wp = h + sum(ph), w + sum(pw)
+  ho, wo = out.shape[1:3]
+  dxp, free = jnp.zeros((b, hp, wp, c), g.dtype), jnp.ones(out.shape, bool)
+  for col, (i, j) in zip(cols, taps):
+    hit = free & (col == out)  # the first tap holding the maximum takes the gradient
+    free = free & ~hit
+    # Back to the padded input's positions: interior padding undoes the stride.
+    dxp = dxp + jax.lax.pad(jnp.where(hit, g, 0), jnp.zeros((), g.dtype),
+                            ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+                             (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+  return (dxp[:, ph[0]:ph[0] + h, pw[0]:pw[0] + w],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +299,7 @@ class ResNet(nnx.Module):
   def __call__(self, images):
     x = jax.nn.relu(self.stem_bn(self.stem_conv(images)))
     if self.stem == "imagenet":
-      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = block(x)
     return jnp.mean(x, axis=(1, 2))
