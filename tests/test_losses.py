@@ -386,6 +386,27 @@ def test_blockwise_equals_dense(tile, tau):
   assert np.isfinite(dv) and dv > 1.0  # tau = 0.01: logits up to 100, still finite
 
 
+@pytest.mark.parametrize("tile", [(4, 4), (5, 16), None])
+def test_self_similarity_sweep_matches_numpy_and_the_general_sweep(tile):
+  """xsample_loss(z, c) forms only the blocks I <= J (l and t are symmetric); given the columns as another array
+  the general sweep forms them all. Both against NumPy: value, and gradients for z and the temperature."""
+  n = 13  # 4 or 5 rows a block: ragged, with padding rows that must not count as columns either
+  z, c = random_inputs(21, n, 5, 4, dup_captions=True)
+  graph = losses._graph_from_c(f32(c), n, None, 0.2, hard=False)
+  sym = lambda zz, tau: losses.xsample_loss(zz, f32(c), temperature=tau, target_temperature=0.2, impl="blockwise",
+                                            tile=tile)
+  general = lambda zz, tau: losses._mean_soft_ce(zz, zz + 0.0, graph, 1.0 / tau, mask_self=True, axis_name=None,
+                                                 impl="blockwise", tile=tile)
+  s = _unit(c) @ _unit(c).T
+  for f, kernel in ((sym, "_sym_sum"), (general, "_blockwise_sum")):
+    assert kernel in str(jax.make_jaxpr(f)(f32(z), f32(0.3)))
+    value, (gz, gtau) = jax.value_and_grad(f, argnums=(0, 1))(f32(z), f32(0.3))
+    assert_close(value, ref_xsample(z, s, 0.3, 0.2), what=f"{kernel} value")
+    assert_close(gz, fd_grad(lambda x: ref_xsample(x, s, 0.3, 0.2), z), what=f"{kernel} grad z")
+    assert_close(gtau, fd_grad(lambda t: ref_xsample(z, s, t, 0.2), np.float64(0.3)), rtol=1e-4,
+                 what=f"{kernel} grad tau")
+
+
 def test_blockwise_equals_dense_in_bfloat16():
   """bf16 embeddings, f32 accumulation: values agree to 1e-5, gradients (returned in bf16) to 1e-2."""
   z, c = random_inputs(13, 61, 32, 24)

@@ -45,12 +45,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("dense", "blockwise", "auto")
 # "auto" switches to blockwise when one device's n x N logits pass this many elements (16 MiB in f32).
 AUTO_BLOCKWISE_ELEMENTS = 1 << 22
 # Elements in one blockwise tile (rows x columns): 32 MiB per f32 buffer.
 TILE_ELEMENTS = 1 << 23
+# Side of the self-similarity sweep's square blocks.
+SYM_BLOCK = 1024
 
 __all__ = [
     "xsample_loss", "xsample_cross_modal_loss", "simclr_loss", "supcon_loss", "clip_loss", "siglip_loss",
@@ -282,17 +285,26 @@ def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
   if impl not in IMPLS:
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
   n = zr.shape[0]
-  zr_unit, zc_all = _unit(zr), _gather(_unit(zc), axis_name)
+  # Rows against themselves on one device, with a symmetric graph: the blockwise kernel forms half the blocks.
+  symmetric = zr is zc and axis_name is None and graph.kind in ("embed", "label", "hard")
+  zr_unit = _unit(zr)
+  zc_all = zr_unit if symmetric else _gather(_unit(zc), axis_name)
   total = zc_all.shape[0]
   offset = _row_offset(n, axis_name)
   if graph.rows is None:  # instance graph of global row indices (CLIP)
     graph = graph._replace(rows=offset + jnp.arange(n, dtype=jnp.int32), cols=jnp.arange(total, dtype=jnp.int32))
   else:
-    graph = graph._replace(cols=_gather(graph.rows, axis_name))
+    graph = graph._replace(cols=graph.rows if symmetric else _gather(graph.rows, axis_name))
   if impl == "auto":
     impl = "blockwise" if n * total > AUTO_BLOCKWISE_ELEMENTS else "dense"
   if impl == "dense":
     loss_sum, count = _dense_sum(zr_unit, zc_all, scale, graph, offset, mask_self)
+  elif symmetric:
+    block = min(int(tile[0]) if tile is not None else SYM_BLOCK, n)
+    if block < 1:
+      raise ValueError(f"tile must be two positive sizes, got {tile}")
+    cfg = (graph.kind, mask_self, block, zr_unit.dtype.name)
+    loss_sum, count = _sym_sum(cfg, zr_unit, scale, graph._replace(kind=None, cols=None))
   else:
     rows, cols = _tile_shape(n, total, tile)
     if axis_name is not None:  # scale is replicated; mark it per-device so its cotangent is summed (psum).
@@ -304,8 +316,8 @@ def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
   return _psum(loss_sum, axis_name) / jnp.maximum(_psum(count, axis_name), 1.0)
 
 
-def _tile(zr, zc, scale, graph_rows, graph_cols, graph, row_ids, col_ids, n_cols, mask_self):
-  """Logits l, target logits t (both -inf where excluded) and raw cosines for one tile of rows x columns."""
+def _tile(zr, zc, scale, graph_rows, graph_cols, graph, excluded):
+  """Logits l, target logits t (both -inf where `excluded`) and raw cosines for one tile of rows x columns."""
   raw = _dot_nt(zr, zc)
   if graph.kind == "embed":
     t = _dot_nt(graph_rows, graph_cols) * graph.inv_tau
@@ -315,12 +327,17 @@ def _tile(zr, zc, scale, graph_rows, graph_cols, graph, row_ids, col_ids, n_cols
     t = (graph_rows[:, None] == graph_cols[None, :]).astype(jnp.float32) * graph.inv_tau
   else:  # "hard"
     t = jnp.where(graph_rows[:, None] == graph_cols[None, :], 0.0, -jnp.inf)
-  excluded = (col_ids >= n_cols)[None, :]  # padding columns
-  if mask_self:
-    excluded = excluded | (row_ids[:, None] == col_ids[None, :])
   l = jnp.where(excluded, -jnp.inf, scale * raw)
   t = jnp.where(excluded, -jnp.inf, jax.lax.stop_gradient(t))
   return raw, l, t
+
+
+def _excluded(row_ids, col_ids, n_cols, mask_self):
+  """Pairs left out of both distributions: padding columns and, with mask_self, the self pair."""
+  excluded = (col_ids >= n_cols)[None, :]
+  if mask_self:
+    excluded = excluded | (row_ids[:, None] == col_ids[None, :])
+  return excluded
 
 
 def _softmax_stats(x):
@@ -344,10 +361,19 @@ def _row_terms(l, t):
 
 
 def _dense_sum(zr, zc, scale, graph, offset, mask_self):
+  """The n x N tile whole, differentiated by autodiff; no isfinite passes over it (they cost as much as the
+  softmax): excluded pairs are -inf in l and t, so exp makes them 0, and sum_j G_ij l_ij reads the finite logits."""
   row_ids = offset + jnp.arange(zr.shape[0], dtype=jnp.int32)
   col_ids = jnp.arange(zc.shape[0], dtype=jnp.int32)
-  _, l, t = _tile(zr, zc, scale, graph.rows, graph.cols, graph, row_ids, col_ids, zc.shape[0], mask_self)
-  loss, has_target, _, _ = _row_terms(l, t)
+  raw, l, t = _tile(zr, zc, scale, graph.rows, graph.cols, graph, _excluded(row_ids, col_ids, zc.shape[0], mask_self))
+  m_t = _finite_or_zero(jnp.max(t, 1))
+  e_t = jnp.exp(t - m_t[:, None])
+  s_t = jnp.sum(e_t, 1)
+  has_target = s_t > 0  # then l has a finite entry too (the same pairs are excluded)
+  m_l = jax.lax.stop_gradient(_finite_or_zero(jnp.max(l, 1)))
+  lse_l = jnp.log(jnp.where(has_target, jnp.sum(jnp.exp(l - m_l[:, None]), 1), 1.0)) + m_l
+  gl = jnp.sum(e_t * (scale * raw), 1) / jnp.where(has_target, s_t, 1.0)
+  loss = jnp.where(has_target, lse_l - gl, 0.0)
   return jnp.sum(loss), jnp.sum(has_target.astype(jnp.float32))
 
 
@@ -406,25 +432,16 @@ def _sweep(cfg, zr, zc, scale, graph, offset, with_grad):
     row_valid = (rid - offset) < n  # padding rows
 
     def tile(j):
-      return _tile(zr_i, col_slice(zc_p, j), scale, gr_i, col_slice(gc_p, j), graph, rid,
-                   col_slice(col_ids_all, j), total, mask_self)
+      return _tile(zr_i, col_slice(zc_p, j), scale, gr_i, col_slice(gc_p, j), graph,
+                   _excluded(rid, col_slice(col_ids_all, j), total, mask_self))
 
     if n_col_tiles == 1:  # the panel's full width is one tile: no online statistics, no recomputation
       raw, l, t = tile(0)
       loss, has_target, g, p = _row_terms(l, t)
     else:  # pass 1: online LSE(l), LSE(t) and sum_j exp(t_ij - m_t) l_ij over the column tiles
       def stats(j, s):
-        m_l, s_l, m_t, s_t, acc = s
-        _, l, t = tile(j)
-        m_l2, m_t2 = jnp.maximum(m_l, jnp.max(l, 1)), jnp.maximum(m_t, jnp.max(t, 1))
-        ml_safe, mt_safe = _finite_or_zero(m_l2), _finite_or_zero(m_t2)
-        e_t = jnp.exp(t - mt_safe[:, None])
-        rescale_t = jnp.exp(_finite_or_zero(m_t) - mt_safe) * jnp.isfinite(m_t)
-        s_l = s_l * jnp.exp(_finite_or_zero(m_l) - ml_safe) * jnp.isfinite(m_l) + jnp.sum(
-            jnp.exp(l - ml_safe[:, None]), 1)
-        s_t = s_t * rescale_t + jnp.sum(e_t, 1)
-        acc = acc * rescale_t + jnp.sum(e_t * jnp.where(jnp.isfinite(l), l, 0.0), 1)
-        return m_l2, s_l, m_t2, s_t, acc
+        raw, l, t = tile(j)
+        return _fold_stats(s, l, t, scale * raw, 1)
 
       neg_inf, zeros = jnp.full((rows,), -jnp.inf), jnp.zeros((rows,))
       m_l, s_l, m_t, s_t, acc = jax.lax.fori_loop(0, n_col_tiles, stats,
@@ -475,6 +492,99 @@ def _finite_or_zero(x):
   return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
+def _fold_stats(state, l, t, l_finite, axis):
+  """Folds a tile into the online statistics (max, sum of exp for l; max, sum of exp, sum_j exp(t) l for t) of
+  the rows along `axis` (1: the tile's rows, 0: its columns). l_finite: l without the -inf (exp(t) is 0 there)."""
+  m_l, s_l, m_t, s_t, acc = state
+  expand = lambda x: jnp.expand_dims(x, axis)
+  m_l2, m_t2 = jnp.maximum(m_l, jnp.max(l, axis)), jnp.maximum(m_t, jnp.max(t, axis))
+  ml_safe, mt_safe = _finite_or_zero(m_l2), _finite_or_zero(m_t2)
+  e_t = jnp.exp(t - expand(mt_safe))
+  rescale_t = jnp.exp(_finite_or_zero(m_t) - mt_safe) * jnp.isfinite(m_t)
+  s_l = s_l * jnp.exp(_finite_or_zero(m_l) - ml_safe) * jnp.isfinite(m_l) + jnp.sum(
+      jnp.exp(l - expand(ml_safe)), axis)
+  s_t = s_t * rescale_t + jnp.sum(e_t, axis)
+  acc = acc * rescale_t + jnp.sum(e_t * l_finite, axis)
+  return m_l2, s_l, m_t2, s_t, acc
+
+
+def _sym_sweep(cfg, z, scale, graph, with_grad):
+  """The self-similarity sweep (columns = rows, one device): l and t are symmetric, so only the blocks I <= J
+  are formed; each serves row block I along its rows and row block J along its columns. Returns (loss_sum,
+  count) and, with_grad, d(loss_sum)/d(z, scale) in f32."""
+  kind, mask_self, block = cfg[0], cfg[1], cfg[2]
+  graph = graph._replace(kind=kind)
+  n = z.shape[0]
+  n_pad = -(-n // block) * block
+  z_p, g_p = _pad_rows(z, n_pad), _pad_rows(graph.rows, n_pad)
+  ids = jnp.arange(n_pad, dtype=jnp.int32)
+  # I-major, so block I stays in cache while the J >= I stream past.
+  pairs = jnp.asarray(np.stack(np.triu_indices(n_pad // block), 1), jnp.int32)
+
+  def blk(x, i, axis=0):
+    return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis)
+
+  def tile(p):
+    i, j = pairs[p, 0], pairs[p, 1]
+    rid, cid = blk(ids, i), blk(ids, j)
+    excluded = _excluded(rid, cid, n, mask_self) | (rid >= n)[:, None]  # symmetric: padding rows too
+    return i, j, _tile(blk(z_p, i), blk(z_p, j), scale, blk(g_p, i), blk(g_p, j), graph, excluded)
+
+  def blocks(stats, i):
+    return tuple(blk(x, i) for x in stats)
+
+  def update(stats, i, new):
+    return tuple(jax.lax.dynamic_update_slice_in_dim(x, v, i * block, 0) for x, v in zip(stats, new))
+
+  def fold(p, stats):
+    i, j, (raw, l, t) = tile(p)
+    stats = update(stats, i, _fold_stats(blocks(stats, i), l, t, scale * raw, 1))
+    # A diagonal block's columns are its own rows, already folded.
+    old = blocks(stats, j)
+    cols = _fold_stats(old, l, t, scale * raw, 0)
+    return update(stats, j, tuple(jnp.where(i == j, o, c) for o, c in zip(old, cols)))
+
+  neg_inf, zeros = jnp.full((n_pad,), -jnp.inf), jnp.zeros((n_pad,))
+  m_l, s_l, m_t, s_t, acc = jax.lax.fori_loop(0, pairs.shape[0], fold, (neg_inf, zeros, neg_inf, zeros, zeros))
+  has_target = (s_t > 0) & (ids < n)
+  s_l, s_t = jnp.where(has_target, s_l, 1.0), jnp.where(has_target, s_t, 1.0)
+  m_l, m_t = jnp.where(has_target, m_l, 0.0), jnp.where(has_target, m_t, 0.0)
+  loss = jnp.where(has_target, jnp.log(s_l) + m_l - acc / s_t, 0.0)
+  out = (jnp.sum(loss), jnp.sum(has_target.astype(jnp.float32)))
+  if not with_grad:
+    return out, None
+
+  norm = (m_l, 1.0 / s_l, m_t, 1.0 / s_t, has_target)
+  z_t = z_p.T  # [D, N]: the column-side product is then a plain (not transposed-operand) matmul
+  def grads(p, carry):
+    dz, dz_t = carry
+    i, j, (_, l, t) = tile(p)
+    # S = A_IJ + A_JI^T with A = P - G: the rows' softmaxes of I and, through the columns, of J.
+    s = _p_minus_g(l, t, [blk(x, i) for x in norm], 1) + _p_minus_g(l, t, [blk(x, j) for x in norm], 0)
+    s_mm = s.astype(z.dtype)
+    dz_i = blk(dz, i) + jnp.dot(s_mm, blk(z_p, j), preferred_element_type=jnp.float32)
+    dz = jax.lax.dynamic_update_slice_in_dim(dz, dz_i, i * block, 0)
+    # Off the diagonal, S^T z_I is block J's share; a diagonal S already holds both.
+    dz_t_j = jnp.dot(blk(z_t, i, 1), s_mm, preferred_element_type=jnp.float32)
+    dz_t_j = blk(dz_t, j, 1) + jnp.where(i == j, 0.0, dz_t_j)
+    return dz, jax.lax.dynamic_update_slice_in_dim(dz_t, dz_t_j, j * block, 1)
+
+  d = z.shape[1]
+  dz, dz_t = jax.lax.fori_loop(0, pairs.shape[0], grads, (jnp.zeros((n_pad, d)), jnp.zeros((d, n_pad))))
+  dz = dz + dz_t.T  # (A + A^T) z: d(loss_sum)/dl = A, and l = scale z z^T
+  # d/dscale = sum_ij A_ij z_i.z_j = (1/2) sum_i z_i . ((A + A^T) z)_i
+  return out, (scale * dz[:n], 0.5 * jnp.sum(z_p.astype(jnp.float32) * dz))
+
+
+def _p_minus_g(l, t, norm, axis):
+  """A = P - G of the rows along `axis` (1: the tile's rows, 0: its columns) from their final statistics.
+
+  norm = (m_l, 1 / s_l, m_t, 1 / s_t, has_target): exp(x - m) / s rather than exp(x - LSE), whose rounding near a
+  large max (t up to 1 / tau_s) would cost G digits."""
+  m_l, r_l, m_t, r_t, has_target = (jnp.expand_dims(x, axis) for x in norm)
+  return jnp.where(has_target, jnp.exp(l - m_l) * r_l - jnp.exp(t - m_t) * r_t, 0.0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _blockwise_sum(cfg, zr, zc, scale, graph, offset):
   out, _ = _sweep(cfg, zr, zc, scale, graph, offset, with_grad=False)
@@ -495,3 +605,22 @@ def _blockwise_bwd(cfg, grads, cotangents):
 
 
 _blockwise_sum.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sym_sum(cfg, z, scale, graph):
+  out, _ = _sym_sweep(cfg, z, scale, graph, with_grad=False)
+  return out
+
+
+def _sym_fwd(cfg, z, scale, graph):
+  return _sym_sweep(cfg, z, scale, graph, with_grad=True)
+
+
+def _sym_bwd(cfg, grads, cotangents):
+  dz, dscale = grads
+  g = cotangents[0]
+  return (g * dz).astype(cfg[3]), g * dscale, None
+
+
+_sym_sum.defvjp(_sym_fwd, _sym_bwd)
