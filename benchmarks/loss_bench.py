@@ -9,7 +9,9 @@ One JSON line per (impl, N). Each measurement runs in a fresh subprocess so that
 the dense FLOPs (6 N^2 D + 2 N^2 E) take at the matmul rate measured in this run by plain jnp.dot's of
 comparable shapes ([rows, K] @ [K, cols] for K = D and K = E in the benchmark's dtype, the best over FLOOR_SHAPES
 and 7 runs each).
-Wall times are medians of --repeats runs after a warm-up (none with --repeats 1). "plain" is the same loss written plainly
+Wall times are medians of --repeats runs after a warm-up (none with --repeats 1). The worker also measures the
+floor itself, before each timed call (best rate over those measurements): ratio_to_floor_alongside is the same
+ratio with the floor taken while the machine was in the state the loss ran in (other jobs on a shared machine). "plain" is the same loss written plainly
 (plain_loss); its worker also times the library's dense path, interleaved in that process (dense_over_plain).
 """
 from __future__ import annotations
@@ -102,8 +104,15 @@ def worker(args):
     walls = interleaved_medians([lambda f=f: jax.block_until_ready(f(z, c)) for f in (compiled, dense)],
                                 args.repeats)
     out.update(wall_s=walls[0], dense_wall_s=walls[1], dense_over_plain=walls[1] / walls[0])
-  else:
-    out["wall_s"] = statistics.median(_times(lambda: jax.block_until_ready(compiled(z, c)), args.repeats))
+  else:  # each timed call right after a floor measurement, so both see the machine in the same state
+    walls, rates = [], {}
+    for _ in range(args.repeats):
+      rates = {k: max(v, rates.get(k, 0.0)) for k, v in matmul_rates(args.d, args.e, dtype, repeats=3).items()}
+      walls += _times(lambda: jax.block_until_ready(compiled(z, c)), 1)
+    floor_s = 6 * n * n * args.d / rates[args.d] + 2 * n * n * args.e / rates[args.e]
+    out.update(wall_s=statistics.median(walls), matmul_floor_alongside_s=floor_s,
+               matmul_tflops_alongside={str(k): v / 1e12 for k, v in rates.items()},
+               ratio_to_floor_alongside=statistics.median(walls) / floor_s)
   print(json.dumps({**out, "peak_rss_gib": _peak_rss_gib(), "rss_after_inputs_gib": rss_inputs}))
 
 

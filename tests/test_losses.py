@@ -386,11 +386,13 @@ def test_blockwise_equals_dense(tile, tau):
   assert np.isfinite(dv) and dv > 1.0  # tau = 0.01: logits up to 100, still finite
 
 
-@pytest.mark.parametrize("tile", [(4, 4), (5, 16), None])
-def test_self_similarity_sweep_matches_numpy_and_the_general_sweep(tile):
+@pytest.mark.parametrize("tile,sym_block", [((4, 4), None), ((5, 16), None), (None, None), (None, 6)])
+def test_self_similarity_sweep_matches_numpy_and_the_general_sweep(tile, sym_block, monkeypatch):
   """xsample_loss(z, c) forms only the blocks I <= J (l and t are symmetric); given the columns as another array
   the general sweep forms them all. Both against NumPy: value, and gradients for z and the temperature."""
-  n = 13  # 4 or 5 rows a block: ragged, with padding rows that must not count as columns either
+  if sym_block:  # the default blocks: 13 rows in at most 6 a block -> 3 blocks of 5 -> 2 of 8 (multiples of 8)
+    monkeypatch.setattr(losses, "SYM_BLOCK", sym_block)
+  n = 13  # 4, 5 or 8 rows a block: ragged, with padding rows that must not count as columns either
   z, c = random_inputs(21, n, 5, 4, dup_captions=True)
   graph = losses._graph_from_c(f32(c), n, None, 0.2, hard=False)
   sym = lambda zz, tau: losses.xsample_loss(zz, f32(c), temperature=tau, target_temperature=0.2, impl="blockwise",
