@@ -409,6 +409,18 @@ def test_self_similarity_sweep_matches_numpy_and_the_general_sweep(tile, sym_blo
                  what=f"{kernel} grad tau")
 
 
+def test_fixed_softmax_shifts_equal_online_maxima():
+  """Python-float temperatures let the self-similarity sweep shift exps by the bounds 1 / tau (no maxima); array
+  temperatures take the online maxima. Same value and gradient; and a too small tau falls back to the maxima."""
+  z, c = random_inputs(22, 21, 6, 5, dup_captions=True)
+  f = lambda tau, tau_s: jax.value_and_grad(lambda zz: losses.xsample_loss(
+      zz, f32(c), temperature=tau, target_temperature=tau_s, impl="blockwise", tile=(8, 8)))(f32(z))
+  (fv, fg), (ov, og) = f(0.05, 0.1), f(f32(0.05), f32(0.1))
+  np.testing.assert_allclose(fv, ov, rtol=1e-6)
+  assert_close(fg, og, rtol=1e-5, what="grad")
+  assert losses._fixed_shift(0.05) == 20.0 and losses._fixed_shift(0.02) is None and losses._fixed_shift(f32(0.1)) is None
+
+
 def test_blockwise_equals_dense_in_bfloat16():
   """bf16 embeddings, f32 accumulation: values agree to 1e-5, gradients (returned in bf16) to 1e-2."""
   z, c = random_inputs(13, 61, 32, 24)

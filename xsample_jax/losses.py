@@ -37,7 +37,9 @@ Two implementations of the kernel give the same value and gradient:
       stay in cache; only the blocks I <= J are formed, each serving rows I along its rows and rows J along its
       columns. Pass 1 folds every block into online statistics (max and sum of exp for l and t, and the
       rescaled sum_j exp(t_ij) l_ij, docs/method.md "Blockwise sweep"); pass 2 recomputes each block, forms
-      S = A_IJ + A_JI^T (A = P - G) and accumulates S z_J into rows I and S^T z_I into rows J. FLOPs:
+      S = A_IJ + A_JI^T (A = P - G) and accumulates S z_J into rows I and S^T z_I into rows J. With a number
+      (not array) temperature >= 1/40, the bound 1/tau of the unit-row logits is a safe fixed shift: no running
+      maxima, and one exp per element of each block serves both its rows and its columns. FLOPs:
       2 x N^2 (D + E) for the two passes' logits and targets + 2 N^2 D for the gradient = 4 N^2 D + 2 N^2 E,
       below the dense 6 N^2 D + 2 N^2 E; memory O(block^2 + N (D + E)).
     - The general sweep (columns from other rows or other devices, or a class table, not known symmetric): row panels
@@ -102,7 +104,7 @@ def xsample_loss(z, c, *, temperature=0.1, target_temperature=0.1, mask_self=Tru
   _check_positive("target_temperature", target_temperature)
   graph = _graph_from_c(c, z.shape[0], class_similarity, target_temperature, hard=False)
   return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=mask_self, axis_name=axis_name,
-                       impl=impl, tile=tile)
+                       impl=impl, tile=tile, shift=_fixed_shift(temperature))
 
 
 def supcon_loss(z, labels, *, temperature=0.1, axis_name=None, impl="dense", tile=None):
@@ -129,7 +131,7 @@ def _positives_loss(z, labels, name, temperature, axis_name, impl, tile):
   _check_positive("temperature", temperature)
   graph = _graph_from_c(labels, z.shape[0], None, None, hard=True, name=name)
   return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=True, axis_name=axis_name,
-                       impl=impl, tile=tile)
+                       impl=impl, tile=tile, shift=_fixed_shift(temperature))
 
 
 def xsample_cross_modal_loss(image_emb, text_emb, c, *, temperature=0.1, target_temperature=0.1,
@@ -157,7 +159,7 @@ def clip_loss(image_emb, text_emb, log_scale, *, max_scale=100.0, axis_name=None
   `log_scale` is a scalar (CLIP initialises it to log(1 / 0.07)). Each row's positive is its own pair.
   """
   _check_pair(image_emb, text_emb)
-  graph = _Graph("hard", None, None, None, None)  # filled with global row indices in _mean_soft_ce
+  graph = _Graph("hard", None, None, None, None, 0.0)  # filled with global row indices in _mean_soft_ce
   scale = jnp.minimum(jnp.exp(_as_f32(log_scale)), max_scale)
   kw = dict(mask_self=False, axis_name=axis_name, impl=impl, tile=tile)
   return 0.5 * (_mean_soft_ce(image_emb, text_emb, graph, scale, **kw)
@@ -233,6 +235,7 @@ class _Graph(NamedTuple):
   cols: jax.Array | None    # the same for all N columns (gathered)
   table: jax.Array | None   # [K, K] class similarities ("table")
   inv_tau: jax.Array | None  # 1 / tau_s (not "hard")
+  shift: float | None        # a fixed softmax shift for t (_fixed_shift), or None
 
 
 def _graph_from_c(c, n, class_similarity, target_temperature, *, hard, name="c"):
@@ -258,7 +261,8 @@ def _graph_from_c(c, n, class_similarity, target_temperature, *, hard, name="c")
     if table.ndim != 2 or table.shape[0] != table.shape[1]:
       raise ValueError(f"class_similarity must be a square [K, K] table, got shape {table.shape}")
   inv_tau = None if hard else 1.0 / _as_f32(target_temperature)
-  return _Graph(kind, rows, None, table, inv_tau)
+  shift = 0.0 if hard else _fixed_shift(target_temperature)  # "hard" targets are 0 or -inf
+  return _Graph(kind, rows, None, table, inv_tau, shift)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,7 +293,7 @@ def _row_offset(n, axis_name):
   return jnp.int32(0) if axis_name is None else jax.lax.axis_index(axis_name).astype(jnp.int32) * n
 
 
-def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
+def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile, shift=None):
   """Global mean over rows (with targets) of the soft CE of this shard's rows zr against all columns zc."""
   if impl not in IMPLS:
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
@@ -316,8 +320,8 @@ def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
       block = min(int(tile[0]), n)
       if block < 1:
         raise ValueError(f"tile must be two positive sizes, got {tile}")
-    cfg = (graph.kind, mask_self, block, zr_unit.dtype.name)
-    loss_sum, count = _sym_sum(cfg, zr_unit, scale, graph._replace(kind=None, cols=None))
+    cfg = (graph.kind, mask_self, block, zr_unit.dtype.name, (shift, graph.shift))
+    loss_sum, count = _sym_sum(cfg, zr_unit, scale, graph._replace(kind=None, cols=None, shift=None))
   else:
     rows, cols = _tile_shape(n, total, tile)
     if axis_name is not None:  # scale is replicated; mark it per-device so its cotangent is summed (psum).
@@ -325,7 +329,7 @@ def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
     # The graph's kind travels in the static config; its arrays are (non-differentiable) inputs.
     cfg = (graph.kind, mask_self, rows, cols, zr_unit.dtype.name, zc_all.dtype.name, axis_name)
     loss_sum, count = _blockwise_sum(cfg, zr_unit, zc_all, scale,
-                                     graph._replace(kind=None), offset)
+                                     graph._replace(kind=None, shift=None), offset)
   return _psum(loss_sum, axis_name) / jnp.maximum(_psum(count, axis_name), 1.0)
 
 
@@ -501,31 +505,45 @@ def _sweep(cfg, zr, zc, scale, graph, offset, with_grad):
   return (loss_sum, count), (dzr[:n], scale * dzc_t.T[:total], dscale)
 
 
+def _fixed_shift(temperature):
+  """A fixed softmax shift for logits x / temperature with |x| <= 1 (unit rows): 1 / temperature, when then every
+  exp(x / temperature - 1 / temperature) is a normal float32 (exp(-80) is; the smallest is exp(-87.3)), so sums of
+  exp lose nothing to the missing max. None (online maxima) when the temperature is an array (learned, or traced)
+  or below 1/40."""
+  if not isinstance(temperature, (int, float, np.integer, np.floating)) or not 2.0 / temperature <= 80.0:
+    return None
+  return 1.0 / temperature
+
+
 def _finite_or_zero(x):
   return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _fold_stats(state, l, t, l_finite, axis):
+def _fold_stats(state, l, t, l_finite, axis, shifts=(None, None)):
   """Folds a tile into the online statistics (max, sum of exp for l; max, sum of exp, sum_j exp(t) l for t) of
-  the rows along `axis` (1: the tile's rows, 0: its columns). l_finite: l without the -inf (exp(t) is 0 there)."""
+  the rows along `axis` (1: the tile's rows, 0: its columns). l_finite: l without the -inf (exp(t) is 0 there).
+  shifts: (for l, for t) a fixed shift (_fixed_shift; the state holds it as the max) or None. A fixed shift needs
+  no max and no rescaling, and the rows' and the columns' folds of one tile share its exps."""
   m_l, s_l, m_t, s_t, acc = state
-  expand = lambda x: jnp.expand_dims(x, axis)
-  m_l2, m_t2 = jnp.maximum(m_l, jnp.max(l, axis)), jnp.maximum(m_t, jnp.max(t, axis))
-  ml_safe, mt_safe = _finite_or_zero(m_l2), _finite_or_zero(m_t2)
-  e_t = jnp.exp(t - expand(mt_safe))
-  rescale_t = jnp.exp(_finite_or_zero(m_t) - mt_safe) * jnp.isfinite(m_t)
-  s_l = s_l * jnp.exp(_finite_or_zero(m_l) - ml_safe) * jnp.isfinite(m_l) + jnp.sum(
-      jnp.exp(l - expand(ml_safe)), axis)
+  def shifted_exp(x, m, shift):  # exp(x - m'), m' and the rescaling of the old sums
+    if shift is not None:
+      return jnp.exp(x - shift), m, 1.0
+    m2 = jnp.maximum(m, jnp.max(x, axis))
+    m2_safe = _finite_or_zero(m2)
+    return jnp.exp(x - jnp.expand_dims(m2_safe, axis)), m2, jnp.exp(_finite_or_zero(m) - m2_safe) * jnp.isfinite(m)
+  e_l, m_l, rescale_l = shifted_exp(l, m_l, shifts[0])
+  e_t, m_t, rescale_t = shifted_exp(t, m_t, shifts[1])
+  s_l = s_l * rescale_l + jnp.sum(e_l, axis)
   s_t = s_t * rescale_t + jnp.sum(e_t, axis)
   acc = acc * rescale_t + jnp.sum(e_t * l_finite, axis)
-  return m_l2, s_l, m_t2, s_t, acc
+  return m_l, s_l, m_t, s_t, acc
 
 
 def _sym_sweep(cfg, z, scale, graph, with_grad):
   """The self-similarity sweep (columns = rows, one device): l and t are symmetric, so only the blocks I <= J
   are formed; each serves row block I along its rows and row block J along its columns. Returns (loss_sum,
   count) and, with_grad, d(loss_sum)/d(z, scale) in f32."""
-  kind, mask_self, block = cfg[0], cfg[1], cfg[2]
+  kind, mask_self, block, _, shifts = cfg
   graph = graph._replace(kind=kind)
   n = z.shape[0]
   n_pad = -(-n // block) * block
@@ -551,14 +569,15 @@ def _sym_sweep(cfg, z, scale, graph, with_grad):
 
   def fold(p, stats):
     i, j, (raw, l, t) = tile(p)
-    stats = update(stats, i, _fold_stats(blocks(stats, i), l, t, scale * raw, 1))
+    stats = update(stats, i, _fold_stats(blocks(stats, i), l, t, scale * raw, 1, shifts))
     # A diagonal block's columns are its own rows, already folded.
     old = blocks(stats, j)
-    cols = _fold_stats(old, l, t, scale * raw, 0)
+    cols = _fold_stats(old, l, t, scale * raw, 0, shifts)
     return update(stats, j, tuple(jnp.where(i == j, o, c) for o, c in zip(old, cols)))
 
-  neg_inf, zeros = jnp.full((n_pad,), -jnp.inf), jnp.zeros((n_pad,))
-  m_l, s_l, m_t, s_t, acc = jax.lax.fori_loop(0, pairs.shape[0], fold, (neg_inf, zeros, neg_inf, zeros, zeros))
+  start = [jnp.full((n_pad,), -jnp.inf if s is None else s) for s in shifts]
+  zeros = jnp.zeros((n_pad,))
+  m_l, s_l, m_t, s_t, acc = jax.lax.fori_loop(0, pairs.shape[0], fold, (start[0], zeros, start[1], zeros, zeros))
   has_target = (s_t > 0) & (ids < n)
   s_l, s_t = jnp.where(has_target, s_l, 1.0), jnp.where(has_target, s_t, 1.0)
   m_l, m_t = jnp.where(has_target, m_l, 0.0), jnp.where(has_target, m_t, 0.0)
@@ -567,13 +586,22 @@ def _sym_sweep(cfg, z, scale, graph, with_grad):
   if not with_grad:
     return out, None
 
-  norm = (m_l, 1.0 / s_l, m_t, 1.0 / s_t, has_target)
+  # exp(x - m) / s rather than exp(x - LSE), whose rounding near a large max (t up to 1 / tau_s) costs G digits.
+  r_l, r_t = jnp.where(has_target, 1.0 / s_l, 0.0), jnp.where(has_target, 1.0 / s_t, 0.0)
   z_t = z_p.T  # [D, N]: the column-side product is then a plain (not transposed-operand) matmul
+
+  def softmaxes(x, m, r, shift, i, j):  # softmax_j(x_ij) of rows I plus softmax_i(x_ij) of rows J (columns)
+    r_i, r_j = blk(r, i)[:, None], blk(r, j)[None, :]
+    if shift is not None:  # exp(x - shift) <= 1 serves both, rows without targets have r = 0
+      return jnp.exp(x - shift) * (r_i + r_j)
+    m_i, m_j = blk(m, i)[:, None], blk(m, j)[None, :]  # a row without targets may overflow: where, not r = 0
+    return jnp.where(r_i > 0, jnp.exp(x - m_i) * r_i, 0.0) + jnp.where(r_j > 0, jnp.exp(x - m_j) * r_j, 0.0)
+
   def grads(p, carry):
     dz, dz_t = carry
     i, j, (_, l, t) = tile(p)
     # S = A_IJ + A_JI^T with A = P - G: the rows' softmaxes of I and, through the columns, of J.
-    s = _p_minus_g(l, t, [blk(x, i) for x in norm], 1) + _p_minus_g(l, t, [blk(x, j) for x in norm], 0)
+    s = softmaxes(l, m_l, r_l, shifts[0], i, j) - softmaxes(t, m_t, r_t, shifts[1], i, j)
     s_mm = s.astype(z.dtype)
     dz_i = blk(dz, i) + jnp.dot(s_mm, blk(z_p, j), preferred_element_type=jnp.float32)
     dz = jax.lax.dynamic_update_slice_in_dim(dz, dz_i, i * block, 0)
