@@ -58,8 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("dense", "blockwise", "auto")
-# "auto" switches to blockwise when one device's n x N logits pass this many elements (16 MiB in f32).
-AUTO_BLOCKWISE_ELEMENTS = 1 << 22
+# "auto" switches to blockwise when one device's n x N logits pass this many elements: the crossover measured by
+# `python -m benchmarks.loss_bench --n 256 512 1024 2048 4096 8192 16384 --impl plain dense blockwise` on the 2-core
+# CPU (benchmarks/results/loss_bench_cpu_2core.jsonl; X-Sample, D = 128, E = 384, f32): at N = 256 both take 1.9 ms,
+# from N = 512 blockwise is faster (4.5 against 5.8 ms; 0.13 against 0.23 s at 4,096).
+AUTO_BLOCKWISE_ELEMENTS = 1 << 16
 # Elements in one blockwise tile (rows x columns): 32 MiB per f32 buffer.
 TILE_ELEMENTS = 1 << 23
 # Side of the self-similarity sweep's square blocks.
