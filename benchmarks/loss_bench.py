@@ -2,13 +2,17 @@
 
     python -m benchmarks.loss_bench                       # N = 4096 .. 65536, both impls
     python -m benchmarks.loss_bench --n 16384 32768 --impl blockwise --dtype bfloat16
+    python -m benchmarks.loss_bench --n 4096 8192 16384 --impl plain   # plain JAX vs the dense path, one process
 
 One JSON line per (impl, N). Each measurement runs in a fresh subprocess so that its peak RSS
 (ru_maxrss, the whole process: runtime + inputs + loss) is its own. The matmul floor is the time that
 the dense FLOPs (6 N^2 D + 2 N^2 E) take at the matmul rate measured in this run by plain jnp.dot's of
 comparable shapes ([rows, K] @ [K, cols] for K = D and K = E in the benchmark's dtype, the best over FLOOR_SHAPES
 and 7 runs each).
-Wall times are medians of --repeats runs after a warm-up.
+Wall times are medians of --repeats runs after a warm-up (none with --repeats 1). The worker also measures the
+floor itself, before each timed call (best rate over those measurements): ratio_to_floor_alongside is the same
+ratio with the floor taken while the machine was in the state the loss ran in (other jobs on a shared machine). "plain" is the same loss written plainly
+(plain_loss); its worker also times the library's dense path, interleaved in that process (dense_over_plain).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks.timing import interleaved_medians
 
 GIB = 1 << 30
 
@@ -36,9 +42,9 @@ def _times(fn, repeats):
   return times
 
 
-# (rows, cols) of the plain matmuls [rows, K] @ [K, cols] whose best rate sets the floor: a wide panel like the
-# blockwise kernel's, a squarer block, and a square one.
-FLOOR_SHAPES = ((512, 32768), (4096, 8192), (2048, 2048))
+# (rows, cols) of the plain matmuls [rows, K] @ [K, cols] whose best rate sets the floor: a wide panel, a squarer
+# block, a square one, and one of the self-similarity sweep's (cache-sized) blocks.
+FLOOR_SHAPES = ((512, 32768), (4096, 8192), (2048, 2048), (1024, 1024))
 
 
 def matmul_rates(d, e, dtype, repeats=7):
@@ -61,6 +67,19 @@ def matmul_rates(d, e, dtype, repeats=7):
   return rates
 
 
+def plain_loss(z, c, temperature=0.1, target_temperature=0.1):
+  """The same maths as xsample_loss written plainly: logits masked on the diagonal, log_softmax, target softmax,
+  soft cross-entropy, autodiff. The reference the library's dense path must not be slower than."""
+  import jax
+  import jax.numpy as jnp
+  unit = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
+  z, c = unit(z), unit(jax.lax.stop_gradient(c))
+  eye = jnp.eye(z.shape[0], dtype=bool)
+  logp = jax.nn.log_softmax(jnp.where(eye, -jnp.inf, z @ z.T / temperature), axis=1)
+  g = jax.nn.softmax(jnp.where(eye, -jnp.inf, c @ c.T / target_temperature), axis=1)
+  return -jnp.sum(g * jnp.where(eye, 0.0, logp)) / z.shape[0]
+
+
 def worker(args):
   import jax
   import jax.numpy as jnp
@@ -71,14 +90,30 @@ def worker(args):
   c = jax.random.normal(jax.random.key(1), (n, args.e), dtype)
   jax.block_until_ready((z, c))
   rss_inputs = _peak_rss_gib()
-  step = jax.jit(jax.value_and_grad(lambda z, c: losses.xsample_loss(z, c, impl=args.impl[0])))
+  impl = args.impl[0]
+  loss = plain_loss if impl == "plain" else lambda z, c: losses.xsample_loss(z, c, impl=impl)
+  step = jax.jit(jax.value_and_grad(loss))
   t0 = time.perf_counter()
   compiled = step.lower(z, c).compile()
   compile_s = time.perf_counter() - t0
-  jax.block_until_ready(compiled(z, c))  # warm-up
-  wall = statistics.median(_times(lambda: jax.block_until_ready(compiled(z, c)), args.repeats))
-  print(json.dumps({"wall_s": wall, "compile_s": compile_s, "peak_rss_gib": _peak_rss_gib(),
-                    "rss_after_inputs_gib": rss_inputs}))
+  if args.repeats > 1:  # with one repeat (the largest N, minutes a call) the timed call is the first after compile
+    jax.block_until_ready(compiled(z, c))
+  out = {"compile_s": compile_s}
+  if impl == "plain":  # and the library's dense path in the same process, interleaved: their ratio is fair
+    dense = jax.jit(jax.value_and_grad(lambda z, c: losses.xsample_loss(z, c, impl="dense"))).lower(z, c).compile()
+    walls = interleaved_medians([lambda f=f: jax.block_until_ready(f(z, c)) for f in (compiled, dense)],
+                                args.repeats)
+    out.update(wall_s=walls[0], dense_wall_s=walls[1], dense_over_plain=walls[1] / walls[0])
+  else:  # each timed call right after a floor measurement, so both see the machine in the same state
+    walls, rates = [], {}
+    for _ in range(args.repeats):
+      rates = {k: max(v, rates.get(k, 0.0)) for k, v in matmul_rates(args.d, args.e, dtype, repeats=3).items()}
+      walls += _times(lambda: jax.block_until_ready(compiled(z, c)), 1)
+    floor_s = 6 * n * n * args.d / rates[args.d] + 2 * n * n * args.e / rates[args.e]
+    out.update(wall_s=statistics.median(walls), matmul_floor_alongside_s=floor_s,
+               matmul_tflops_alongside={str(k): v / 1e12 for k, v in rates.items()},
+               ratio_to_floor_alongside=statistics.median(walls) / floor_s)
+  print(json.dumps({**out, "peak_rss_gib": _peak_rss_gib(), "rss_after_inputs_gib": rss_inputs}))
 
 
 def main(argv=None):
@@ -86,7 +121,7 @@ def main(argv=None):
   p.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
   p.add_argument("--d", type=int, default=128)
   p.add_argument("--e", type=int, default=384)
-  p.add_argument("--impl", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise", "auto"])
+  p.add_argument("--impl", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise", "auto", "plain"])
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--dense-max-gib", type=float, default=4.0,
@@ -107,7 +142,7 @@ def main(argv=None):
       row = {"impl": impl, "n": n, "d": args.d, "e": args.e, "dtype": args.dtype, "backend": backend,
              "dense_flops": flops, "matmul_floor_s": floor_s,
              "matmul_tflops": {str(k): v / 1e12 for k, v in rates.items()}}
-      if impl == "dense" and n * n * 4 > args.dense_max_gib * GIB:
+      if impl in ("dense", "plain") and n * n * 4 > args.dense_max_gib * GIB:
         row["skipped"] = f"one N x N f32 buffer is {n * n * 4 / GIB:.0f} GiB"
         print(json.dumps(row), flush=True)
         continue

@@ -386,6 +386,41 @@ def test_blockwise_equals_dense(tile, tau):
   assert np.isfinite(dv) and dv > 1.0  # tau = 0.01: logits up to 100, still finite
 
 
+@pytest.mark.parametrize("tile,sym_block", [((4, 4), None), ((5, 16), None), (None, None), (None, 6)])
+def test_self_similarity_sweep_matches_numpy_and_the_general_sweep(tile, sym_block, monkeypatch):
+  """xsample_loss(z, c) forms only the blocks I <= J (l and t are symmetric); given the columns as another array
+  the general sweep forms them all. Both against NumPy: value, and gradients for z and the temperature."""
+  if sym_block:  # the default blocks: 13 rows in at most 6 a block -> 3 blocks of 5 -> 2 of 8 (multiples of 8)
+    monkeypatch.setattr(losses, "SYM_BLOCK", sym_block)
+  n = 13  # 4, 5 or 8 rows a block: ragged, with padding rows that must not count as columns either
+  z, c = random_inputs(21, n, 5, 4, dup_captions=True)
+  graph = losses._graph_from_c(f32(c), n, None, 0.2, hard=False)
+  sym = lambda zz, tau: losses.xsample_loss(zz, f32(c), temperature=tau, target_temperature=0.2, impl="blockwise",
+                                            tile=tile)
+  general = lambda zz, tau: losses._mean_soft_ce(zz, zz + 0.0, graph, 1.0 / tau, mask_self=True, axis_name=None,
+                                                 impl="blockwise", tile=tile)
+  s = _unit(c) @ _unit(c).T
+  for f, kernel in ((sym, "_sym_sum"), (general, "_blockwise_sum")):
+    assert kernel in str(jax.make_jaxpr(f)(f32(z), f32(0.3)))
+    value, (gz, gtau) = jax.value_and_grad(f, argnums=(0, 1))(f32(z), f32(0.3))
+    assert_close(value, ref_xsample(z, s, 0.3, 0.2), what=f"{kernel} value")
+    assert_close(gz, fd_grad(lambda x: ref_xsample(x, s, 0.3, 0.2), z), what=f"{kernel} grad z")
+    assert_close(gtau, fd_grad(lambda t: ref_xsample(z, s, t, 0.2), np.float64(0.3)), rtol=1e-4,
+                 what=f"{kernel} grad tau")
+
+
+def test_fixed_softmax_shifts_equal_online_maxima():
+  """Python-float temperatures let the self-similarity sweep shift exps by the bounds 1 / tau (no maxima); array
+  temperatures take the online maxima. Same value and gradient; and a too small tau falls back to the maxima."""
+  z, c = random_inputs(22, 21, 6, 5, dup_captions=True)
+  f = lambda tau, tau_s: jax.value_and_grad(lambda zz: losses.xsample_loss(
+      zz, f32(c), temperature=tau, target_temperature=tau_s, impl="blockwise", tile=(8, 8)))(f32(z))
+  (fv, fg), (ov, og) = f(0.05, 0.1), f(f32(0.05), f32(0.1))
+  np.testing.assert_allclose(fv, ov, rtol=1e-6)
+  assert_close(fg, og, rtol=1e-5, what="grad")
+  assert losses._fixed_shift(0.05) == 20.0 and losses._fixed_shift(0.02) is None and losses._fixed_shift(f32(0.1)) is None
+
+
 def test_blockwise_equals_dense_in_bfloat16():
   """bf16 embeddings, f32 accumulation: values agree to 1e-5, gradients (returned in bf16) to 1e-2."""
   z, c = random_inputs(13, 61, 32, 24)

@@ -29,13 +29,23 @@ positive) contributes nothing and is not counted in the mean.
 
 Two implementations of the kernel give the same value and gradient:
   * "dense": the n x N logits and targets are formed whole and autodiff does the rest. Simple; O(n N) memory.
-  * "blockwise": a `jax.custom_vjp` that sweeps row panels (R rows x all columns). Within a panel the columns
-    are swept in tiles with online log-sum-exps for LSE(l) and LSE(t) and a rescaled accumulator of
-    sum_j exp(t_ij) l_ij (docs/method.md, "Blockwise sweep"). Its forward pass under differentiation also
-    forms P - G for the panel and accumulates dL/dz there, as fused linear cross-entropy kernels do, so the
-    backward pass only scales the stored gradient. When a panel's full width fits in one tile (by default up to
-    N = 2^20 columns: R >= 8 rows x N within TILE_ELEMENTS) this costs the dense FLOPs (6 N^2 D + 2 N^2 E) in
-    O(R N + N (D + E)) memory; with several column tiles it recomputes each tile once (8 N^2 D + 4 N^2 E).
+  * "blockwise": a `jax.custom_vjp` whose forward pass, under differentiation, also forms P - G tile by tile and
+    accumulates dL/dz, as fused linear cross-entropy kernels do, so the backward pass only scales the stored
+    gradient. Two sweeps:
+    - The self-similarity sweep (xsample_loss, supcon_loss, simclr_loss on one device: the columns are the rows
+      and the graph is symmetric, so l and t are symmetric). Square blocks of SYM_BLOCK rows, small enough to
+      stay in cache; only the blocks I <= J are formed, each serving rows I along its rows and rows J along its
+      columns. Pass 1 folds every block into online statistics (max and sum of exp for l and t, and the
+      rescaled sum_j exp(t_ij) l_ij, docs/method.md "Blockwise sweep"); pass 2 recomputes each block, forms
+      S = A_IJ + A_JI^T (A = P - G) and accumulates S z_J into rows I and S^T z_I into rows J. With a number
+      (not array) temperature >= 1/40, the bound 1/tau of the unit-row logits is a safe fixed shift: no running
+      maxima, and one exp per element of each block serves both its rows and its columns. FLOPs:
+      2 x N^2 (D + E) for the two passes' logits and targets + 2 N^2 D for the gradient = 4 N^2 D + 2 N^2 E,
+      below the dense 6 N^2 D + 2 N^2 E; memory O(block^2 + N (D + E)).
+    - The general sweep (columns from other rows or other devices, or a class table, not known symmetric): row panels
+      (R rows x all columns). When a panel's full width fits in one tile (by default up to N = 2^20 columns:
+      R >= 8 rows x N within TILE_ELEMENTS) this costs the dense FLOPs in O(R N + N (D + E)) memory; with
+      several column tiles the columns are swept twice, recomputing each tile once (8 N^2 D + 4 N^2 E).
 """
 from __future__ import annotations
 
@@ -45,12 +55,21 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("dense", "blockwise", "auto")
-# "auto" switches to blockwise when one device's n x N logits pass this many elements (16 MiB in f32).
-AUTO_BLOCKWISE_ELEMENTS = 1 << 22
+# "auto" switches to blockwise when one device's n x N logits pass this many elements: the crossover measured by
+# `python -m benchmarks.loss_bench --n 256 512 1024 2048 4096 8192 16384 --impl plain dense blockwise` on the 2-core
+# CPU (benchmarks/results/loss_bench_cpu_2core.jsonl; X-Sample, D = 128, E = 384, f32): at N = 256 both take 1.9 ms,
+# from N = 512 blockwise is faster (4.5 against 5.8 ms; 0.13 against 0.23 s at 4,096).
+AUTO_BLOCKWISE_ELEMENTS = 1 << 16
+# The general sweep (rows sharded over devices, cross-modal, CLIP, class tables) keeps full-width panels and was not
+# measured against dense at small sizes: it keeps its former threshold (16 MiB of f32 logits a device).
+AUTO_GENERAL_BLOCKWISE_ELEMENTS = 1 << 22
 # Elements in one blockwise tile (rows x columns): 32 MiB per f32 buffer.
 TILE_ELEMENTS = 1 << 23
+# Side of the self-similarity sweep's square blocks.
+SYM_BLOCK = 1024
 
 __all__ = [
     "xsample_loss", "xsample_cross_modal_loss", "simclr_loss", "supcon_loss", "clip_loss", "siglip_loss",
@@ -77,9 +96,10 @@ def xsample_loss(z, c, *, temperature=0.1, target_temperature=0.1, mask_self=Tru
     mask_self: exclude the pair (i, i) from both distributions.
     axis_name: mesh axis (or axes) to gather the global batch over, inside `jax.shard_map`.
     impl: "dense", "blockwise" or "auto" (blockwise when one device's n x N logits exceed
-      AUTO_BLOCKWISE_ELEMENTS).
+      AUTO_BLOCKWISE_ELEMENTS, or AUTO_GENERAL_BLOCKWISE_ELEMENTS for sharded rows).
     class_similarity: optional [K, K] table, with integer `c`.
-    tile: optional (rows, cols) tile of the blockwise sweep; default from TILE_ELEMENTS.
+    tile: optional (rows, cols) tile of the blockwise sweep (default from TILE_ELEMENTS); the self-similarity
+      sweep uses square blocks of `rows` (default SYM_BLOCK).
 
   Returns:
     The scalar mean over all N global rows of the soft-target cross-entropy (docs/method.md, "Notation and the
@@ -90,7 +110,7 @@ def xsample_loss(z, c, *, temperature=0.1, target_temperature=0.1, mask_self=Tru
   _check_positive("target_temperature", target_temperature)
   graph = _graph_from_c(c, z.shape[0], class_similarity, target_temperature, hard=False)
   return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=mask_self, axis_name=axis_name,
-                       impl=impl, tile=tile)
+                       impl=impl, tile=tile, shift=_fixed_shift(temperature))
 
 
 def supcon_loss(z, labels, *, temperature=0.1, axis_name=None, impl="dense", tile=None):
@@ -117,7 +137,7 @@ def _positives_loss(z, labels, name, temperature, axis_name, impl, tile):
   _check_positive("temperature", temperature)
   graph = _graph_from_c(labels, z.shape[0], None, None, hard=True, name=name)
   return _mean_soft_ce(z, z, graph, 1.0 / _as_f32(temperature), mask_self=True, axis_name=axis_name,
-                       impl=impl, tile=tile)
+                       impl=impl, tile=tile, shift=_fixed_shift(temperature))
 
 
 def xsample_cross_modal_loss(image_emb, text_emb, c, *, temperature=0.1, target_temperature=0.1,
@@ -145,7 +165,7 @@ def clip_loss(image_emb, text_emb, log_scale, *, max_scale=100.0, axis_name=None
   `log_scale` is a scalar (CLIP initialises it to log(1 / 0.07)). Each row's positive is its own pair.
   """
   _check_pair(image_emb, text_emb)
-  graph = _Graph("hard", None, None, None, None)  # filled with global row indices in _mean_soft_ce
+  graph = _Graph("hard", None, None, None, None, 0.0)  # filled with global row indices in _mean_soft_ce
   scale = jnp.minimum(jnp.exp(_as_f32(log_scale)), max_scale)
   kw = dict(mask_self=False, axis_name=axis_name, impl=impl, tile=tile)
   return 0.5 * (_mean_soft_ce(image_emb, text_emb, graph, scale, **kw)
@@ -221,6 +241,7 @@ class _Graph(NamedTuple):
   cols: jax.Array | None    # the same for all N columns (gathered)
   table: jax.Array | None   # [K, K] class similarities ("table")
   inv_tau: jax.Array | None  # 1 / tau_s (not "hard")
+  shift: float | None        # a fixed softmax shift for t (_fixed_shift), or None
 
 
 def _graph_from_c(c, n, class_similarity, target_temperature, *, hard, name="c"):
@@ -246,7 +267,8 @@ def _graph_from_c(c, n, class_similarity, target_temperature, *, hard, name="c")
     if table.ndim != 2 or table.shape[0] != table.shape[1]:
       raise ValueError(f"class_similarity must be a square [K, K] table, got shape {table.shape}")
   inv_tau = None if hard else 1.0 / _as_f32(target_temperature)
-  return _Graph(kind, rows, None, table, inv_tau)
+  shift = 0.0 if hard else _fixed_shift(target_temperature)  # "hard" targets are 0 or -inf
+  return _Graph(kind, rows, None, table, inv_tau, shift)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,9 +281,26 @@ def _unit(x):
   return (x32 * jax.lax.rsqrt(jnp.maximum(jnp.sum(x32 * x32, -1, keepdims=True), 1e-24))).astype(x.dtype)
 
 
+@jax.custom_vjp
 def _dot_nt(a, b):
   """a @ b.T with f32 accumulation."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nt_fwd(a, b):
+  return _dot_nt(a, b), (a, b)
+
+
+def _dot_nt_bwd(res, g):
+  """g b and (a^T g)^T: autodiff's g^T a is a transposed-operand matmul, about half the rate on CPU."""
+  a, b = res
+  g = g.astype(a.dtype)  # operands in the inputs' dtype, f32 accumulation
+  da = jnp.dot(g, b, preferred_element_type=jnp.float32)
+  db = jnp.dot(a.T, g, preferred_element_type=jnp.float32).T
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_dot_nt.defvjp(_dot_nt_fwd, _dot_nt_bwd)
 
 
 def _gather(x, axis_name):
@@ -277,22 +316,36 @@ def _row_offset(n, axis_name):
   return jnp.int32(0) if axis_name is None else jax.lax.axis_index(axis_name).astype(jnp.int32) * n
 
 
-def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
+def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile, shift=None):
   """Global mean over rows (with targets) of the soft CE of this shard's rows zr against all columns zc."""
   if impl not in IMPLS:
     raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
   n = zr.shape[0]
-  zr_unit, zc_all = _unit(zr), _gather(_unit(zc), axis_name)
+  # Rows against themselves on one device, with a symmetric graph: the blockwise kernel forms half the blocks.
+  symmetric = zr is zc and axis_name is None and graph.kind in ("embed", "label", "hard")
+  zr_unit = _unit(zr)
+  zc_all = zr_unit if symmetric else _gather(_unit(zc), axis_name)
   total = zc_all.shape[0]
   offset = _row_offset(n, axis_name)
   if graph.rows is None:  # instance graph of global row indices (CLIP)
     graph = graph._replace(rows=offset + jnp.arange(n, dtype=jnp.int32), cols=jnp.arange(total, dtype=jnp.int32))
   else:
-    graph = graph._replace(cols=_gather(graph.rows, axis_name))
+    graph = graph._replace(cols=graph.rows if symmetric else _gather(graph.rows, axis_name))
   if impl == "auto":
-    impl = "blockwise" if n * total > AUTO_BLOCKWISE_ELEMENTS else "dense"
+    threshold = AUTO_BLOCKWISE_ELEMENTS if symmetric else AUTO_GENERAL_BLOCKWISE_ELEMENTS
+    impl = "blockwise" if n * total > threshold else "dense"
   if impl == "dense":
-    loss_sum, count = _dense_sum(zr_unit, zc_all, scale, graph, offset, mask_self)
+    loss_sum, count = _dense_sum(zr_unit, zc_all, scale, graph, offset, mask_self, shift)
+  elif symmetric:
+    if tile is None:  # the fewest blocks of at most SYM_BLOCK rows, equal up to a multiple of 8: little padding
+      block = -(-n // -(-n // SYM_BLOCK))
+      block = min(-(-block // 8) * 8, n)
+    else:
+      block = min(int(tile[0]), n)
+      if block < 1:
+        raise ValueError(f"tile must be two positive sizes, got {tile}")
+    cfg = (graph.kind, mask_self, block, zr_unit.dtype.name, (shift, graph.shift))
+    loss_sum, count = _sym_sum(cfg, zr_unit, scale, graph._replace(kind=None, cols=None, shift=None))
   else:
     rows, cols = _tile_shape(n, total, tile)
     if axis_name is not None:  # scale is replicated; mark it per-device so its cotangent is summed (psum).
@@ -300,12 +353,12 @@ def _mean_soft_ce(zr, zc, graph, scale, *, mask_self, axis_name, impl, tile):
     # The graph's kind travels in the static config; its arrays are (non-differentiable) inputs.
     cfg = (graph.kind, mask_self, rows, cols, zr_unit.dtype.name, zc_all.dtype.name, axis_name)
     loss_sum, count = _blockwise_sum(cfg, zr_unit, zc_all, scale,
-                                     graph._replace(kind=None), offset)
+                                     graph._replace(kind=None, shift=None), offset)
   return _psum(loss_sum, axis_name) / jnp.maximum(_psum(count, axis_name), 1.0)
 
 
-def _tile(zr, zc, scale, graph_rows, graph_cols, graph, row_ids, col_ids, n_cols, mask_self):
-  """Logits l, target logits t (both -inf where excluded) and raw cosines for one tile of rows x columns."""
+def _tile(zr, zc, scale, graph_rows, graph_cols, graph, excluded):
+  """Logits l, target logits t (both -inf where `excluded`) and raw cosines for one tile of rows x columns."""
   raw = _dot_nt(zr, zc)
   if graph.kind == "embed":
     t = _dot_nt(graph_rows, graph_cols) * graph.inv_tau
@@ -315,12 +368,17 @@ def _tile(zr, zc, scale, graph_rows, graph_cols, graph, row_ids, col_ids, n_cols
     t = (graph_rows[:, None] == graph_cols[None, :]).astype(jnp.float32) * graph.inv_tau
   else:  # "hard"
     t = jnp.where(graph_rows[:, None] == graph_cols[None, :], 0.0, -jnp.inf)
-  excluded = (col_ids >= n_cols)[None, :]  # padding columns
-  if mask_self:
-    excluded = excluded | (row_ids[:, None] == col_ids[None, :])
   l = jnp.where(excluded, -jnp.inf, scale * raw)
   t = jnp.where(excluded, -jnp.inf, jax.lax.stop_gradient(t))
   return raw, l, t
+
+
+def _excluded(row_ids, col_ids, n_cols, mask_self):
+  """Pairs left out of both distributions: padding columns and, with mask_self, the self pair."""
+  excluded = (col_ids >= n_cols)[None, :]
+  if mask_self:
+    excluded = excluded | (row_ids[:, None] == col_ids[None, :])
+  return excluded
 
 
 def _softmax_stats(x):
@@ -343,11 +401,22 @@ def _row_terms(l, t):
   return jnp.where(has_target, lse_l - gl, 0.0), has_target, g, p
 
 
-def _dense_sum(zr, zc, scale, graph, offset, mask_self):
+def _dense_sum(zr, zc, scale, graph, offset, mask_self, shift):
+  """The n x N tile whole, differentiated by autodiff; no isfinite passes over it (they cost as much as the
+  softmax): excluded pairs are -inf in l and t, so exp makes them 0, and sum_j G_ij l_ij reads the finite logits.
+  shift, graph.shift: fixed softmax shifts for l and t (_fixed_shift) in place of the rows' maxima, or None."""
   row_ids = offset + jnp.arange(zr.shape[0], dtype=jnp.int32)
   col_ids = jnp.arange(zc.shape[0], dtype=jnp.int32)
-  _, l, t = _tile(zr, zc, scale, graph.rows, graph.cols, graph, row_ids, col_ids, zc.shape[0], mask_self)
-  loss, has_target, _, _ = _row_terms(l, t)
+  raw, l, t = _tile(zr, zc, scale, graph.rows, graph.cols, graph, _excluded(row_ids, col_ids, zc.shape[0], mask_self))
+  rows = zr.shape[0]
+  m_t = _finite_or_zero(jnp.max(t, 1)) if graph.shift is None else jnp.full((rows,), graph.shift)
+  e_t = jnp.exp(t - m_t[:, None])
+  s_t = jnp.sum(e_t, 1)
+  has_target = s_t > 0  # then l has a finite entry too (the same pairs are excluded)
+  m_l = jax.lax.stop_gradient(_finite_or_zero(jnp.max(l, 1))) if shift is None else jnp.full((rows,), shift)
+  lse_l = jnp.log(jnp.where(has_target, jnp.sum(jnp.exp(l - m_l[:, None]), 1), 1.0)) + m_l
+  gl = jnp.sum(e_t * (scale * raw), 1) / jnp.where(has_target, s_t, 1.0)
+  loss = jnp.where(has_target, lse_l - gl, 0.0)
   return jnp.sum(loss), jnp.sum(has_target.astype(jnp.float32))
 
 
@@ -395,36 +464,27 @@ def _sweep(cfg, zr, zc, scale, graph, offset, with_grad):
   n_col_tiles = total_pad // cols
   col_ids_all = jnp.arange(total_pad, dtype=jnp.int32)
 
-  def col_slice(x, j):
-    return jax.lax.dynamic_slice_in_dim(x, j * cols, cols)
+  def col_slice(x, j, axis=0):
+    return jax.lax.dynamic_slice_in_dim(x, j * cols, cols, axis)
 
   def panel(i, carry):
-    loss_sum, count, dzr, dzc, dscale = carry
+    loss_sum, count, dzr, dzc_t, dscale = carry
     zr_i = jax.lax.dynamic_slice_in_dim(zr_p, i * rows, rows)
     gr_i = jax.lax.dynamic_slice_in_dim(gr_p, i * rows, rows)
     rid = jax.lax.dynamic_slice_in_dim(row_ids, i * rows, rows)
     row_valid = (rid - offset) < n  # padding rows
 
     def tile(j):
-      return _tile(zr_i, col_slice(zc_p, j), scale, gr_i, col_slice(gc_p, j), graph, rid,
-                   col_slice(col_ids_all, j), total, mask_self)
+      return _tile(zr_i, col_slice(zc_p, j), scale, gr_i, col_slice(gc_p, j), graph,
+                   _excluded(rid, col_slice(col_ids_all, j), total, mask_self))
 
     if n_col_tiles == 1:  # the panel's full width is one tile: no online statistics, no recomputation
-      raw, l, t = tile(0)
+      _, l, t = tile(0)
       loss, has_target, g, p = _row_terms(l, t)
     else:  # pass 1: online LSE(l), LSE(t) and sum_j exp(t_ij - m_t) l_ij over the column tiles
       def stats(j, s):
-        m_l, s_l, m_t, s_t, acc = s
-        _, l, t = tile(j)
-        m_l2, m_t2 = jnp.maximum(m_l, jnp.max(l, 1)), jnp.maximum(m_t, jnp.max(t, 1))
-        ml_safe, mt_safe = _finite_or_zero(m_l2), _finite_or_zero(m_t2)
-        e_t = jnp.exp(t - mt_safe[:, None])
-        rescale_t = jnp.exp(_finite_or_zero(m_t) - mt_safe) * jnp.isfinite(m_t)
-        s_l = s_l * jnp.exp(_finite_or_zero(m_l) - ml_safe) * jnp.isfinite(m_l) + jnp.sum(
-            jnp.exp(l - ml_safe[:, None]), 1)
-        s_t = s_t * rescale_t + jnp.sum(e_t, 1)
-        acc = acc * rescale_t + jnp.sum(e_t * jnp.where(jnp.isfinite(l), l, 0.0), 1)
-        return m_l2, s_l, m_t2, s_t, acc
+        raw, l, t = tile(j)
+        return _fold_stats(s, l, t, scale * raw, 1)
 
       neg_inf, zeros = jnp.full((rows,), -jnp.inf), jnp.zeros((rows,))
       m_l, s_l, m_t, s_t, acc = jax.lax.fori_loop(0, n_col_tiles, stats,
@@ -436,43 +496,160 @@ def _sweep(cfg, zr, zc, scale, graph, offset, with_grad):
     loss_sum = loss_sum + jnp.sum(jnp.where(has_target, loss, 0.0))
     count = count + jnp.sum(has_target.astype(jnp.float32))
     if not with_grad:
-      return loss_sum, count, dzr, dzc, dscale
+      return loss_sum, count, dzr, dzc_t, dscale
 
-    def grad_tile(raw, p, g, j, dzr_i, dzc, dscale):
-      dl = jnp.where(has_target[:, None], p - g, 0.0)  # dL/dl = P - G, rows sum to zero
+    def grad_tile(dl, j, dzr_i, dzc_t):  # dl = dL/dl = P - G, rows sum to zero
       dl_mm = dl.astype(zr.dtype)  # matmul operands in the embeddings' dtype, f32 accumulation
-      dzr_i = dzr_i + scale * jnp.dot(dl_mm, col_slice(zc_p, j), preferred_element_type=jnp.float32)
-      dzc_j = scale * jax.lax.dot_general(dl_mm, zr_i, (((0,), (0,)), ((), ())),
-                                          preferred_element_type=jnp.float32)
-      dzc = jax.lax.dynamic_update_slice_in_dim(dzc, col_slice(dzc, j) + dzc_j, j * cols, 0)
-      return dzr_i, dzc, dscale + jnp.sum(dl * raw)
+      dzr_i = dzr_i + jnp.dot(dl_mm, col_slice(zc_p, j), preferred_element_type=jnp.float32)
+      # The columns' share as (z_i^T A)^T: A^T z_i, a transposed-operand matmul, runs at about half the rate on CPU.
+      dzc_t_j = col_slice(dzc_t, j, 1) + jnp.dot(zr_i.T, dl_mm, preferred_element_type=jnp.float32)
+      return dzr_i, jax.lax.dynamic_update_slice_in_dim(dzc_t, dzc_t_j, j * cols, 1)
 
     dzr_i = vary(jnp.zeros((rows, zr.shape[1]), jnp.float32))
     if n_col_tiles == 1:
-      dzr_i, dzc, dscale = grad_tile(raw, p, g, 0, dzr_i, dzc, dscale)
+      dzr_i, dzc_t = grad_tile(jnp.where(has_target[:, None], p - g, 0.0), 0, dzr_i, dzc_t)
     else:  # pass 2: recompute each tile, form P - G, accumulate the gradients
+      norm = (jnp.where(has_target, m_l, 0.0), 1.0 / jnp.where(has_target, s_l, 1.0),
+              jnp.where(has_target, m_t, 0.0), 1.0 / jnp.where(has_target, s_t, 1.0), has_target)
       def grads(j, s):
-        raw, l, t = tile(j)
-        p = jnp.exp(l - jnp.where(has_target, lse_l, 0.0)[:, None])
-        g = jnp.exp(t - jnp.where(has_target, lse_t, 0.0)[:, None])
-        return grad_tile(raw, p, g, j, *s)
-      dzr_i, dzc, dscale = jax.lax.fori_loop(0, n_col_tiles, grads, (dzr_i, dzc, dscale))
-    dzr = jax.lax.dynamic_update_slice_in_dim(dzr, dzr_i, i * rows, 0)
-    return loss_sum, count, dzr, dzc, dscale
+        _, l, t = tile(j)
+        return grad_tile(_p_minus_g(l, t, norm, 1), j, *s)
+      dzr_i, dzc_t = jax.lax.fori_loop(0, n_col_tiles, grads, (dzr_i, dzc_t))
+    # d/dscale = sum_ij A_ij zr_i . zc_j = sum_i zr_i . (A zc)_i
+    dscale = dscale + jnp.sum(zr_i.astype(jnp.float32) * dzr_i)
+    dzr = jax.lax.dynamic_update_slice_in_dim(dzr, scale * dzr_i, i * rows, 0)
+    return loss_sum, count, dzr, dzc_t, dscale
 
   f32 = jnp.float32
   init = (jnp.zeros((), f32), jnp.zeros((), f32),
           jnp.zeros((n_pad, zr.shape[1]), f32) if with_grad else None,
-          jnp.zeros((total_pad, zc.shape[1]), f32) if with_grad else None,
+          jnp.zeros((zc.shape[1], total_pad), f32) if with_grad else None,  # dL/dzc transposed
           jnp.zeros((), f32) if with_grad else None)
-  loss_sum, count, dzr, dzc, dscale = jax.lax.fori_loop(0, n_pad // rows, panel, vary(init))
+  loss_sum, count, dzr, dzc_t, dscale = jax.lax.fori_loop(0, n_pad // rows, panel, vary(init))
   if not with_grad:
     return (loss_sum, count), None
-  return (loss_sum, count), (dzr[:n], dzc[:total], dscale)
+  return (loss_sum, count), (dzr[:n], scale * dzc_t.T[:total], dscale)
+
+
+def _fixed_shift(temperature):
+  """A fixed softmax shift for logits x / temperature with |x| <= 1 (unit rows): 1 / temperature, when then every
+  exp(x / temperature - 1 / temperature) is a normal float32 (exp(-80) is; the smallest is exp(-87.3)), so sums of
+  exp lose nothing to the missing max. None (online maxima) when the temperature is an array (learned, or traced)
+  or below 1/40."""
+  if not isinstance(temperature, (int, float, np.integer, np.floating)) or not 2.0 / temperature <= 80.0:
+    return None
+  return 1.0 / temperature
 
 
 def _finite_or_zero(x):
   return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def _fold_stats(state, l, t, l_finite, axis, shifts=(None, None)):
+  """Folds a tile into the online statistics (max, sum of exp for l; max, sum of exp, sum_j exp(t) l for t) of
+  the rows along `axis` (1: the tile's rows, 0: its columns). l_finite: l without the -inf (exp(t) is 0 there).
+  shifts: (for l, for t) a fixed shift (_fixed_shift; the state holds it as the max) or None. A fixed shift needs
+  no max and no rescaling, and the rows' and the columns' folds of one tile share its exps."""
+  m_l, s_l, m_t, s_t, acc = state
+  def shifted_exp(x, m, shift):  # exp(x - m'), m' and the rescaling of the old sums
+    if shift is not None:
+      return jnp.exp(x - shift), m, 1.0
+    m2 = jnp.maximum(m, jnp.max(x, axis))
+    m2_safe = _finite_or_zero(m2)
+    return jnp.exp(x - jnp.expand_dims(m2_safe, axis)), m2, jnp.exp(_finite_or_zero(m) - m2_safe) * jnp.isfinite(m)
+  e_l, m_l, rescale_l = shifted_exp(l, m_l, shifts[0])
+  e_t, m_t, rescale_t = shifted_exp(t, m_t, shifts[1])
+  s_l = s_l * rescale_l + jnp.sum(e_l, axis)
+  s_t = s_t * rescale_t + jnp.sum(e_t, axis)
+  acc = acc * rescale_t + jnp.sum(e_t * l_finite, axis)
+  return m_l, s_l, m_t, s_t, acc
+
+
+def _sym_sweep(cfg, z, scale, graph, with_grad):
+  """The self-similarity sweep (columns = rows, one device): l and t are symmetric, so only the blocks I <= J
+  are formed; each serves row block I along its rows and row block J along its columns. Returns (loss_sum,
+  count) and, with_grad, d(loss_sum)/d(z, scale) in f32."""
+  kind, mask_self, block, _, shifts = cfg
+  graph = graph._replace(kind=kind)
+  n = z.shape[0]
+  n_pad = -(-n // block) * block
+  z_p, g_p = _pad_rows(z, n_pad), _pad_rows(graph.rows, n_pad)
+  ids = jnp.arange(n_pad, dtype=jnp.int32)
+  # I-major, so block I stays in cache while the J >= I stream past.
+  pairs = jnp.asarray(np.stack(np.triu_indices(n_pad // block), 1), jnp.int32)
+
+  def blk(x, i, axis=0):
+    return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis)
+
+  def tile(p):
+    i, j = pairs[p, 0], pairs[p, 1]
+    rid, cid = blk(ids, i), blk(ids, j)
+    excluded = _excluded(rid, cid, n, mask_self) | (rid >= n)[:, None]  # symmetric: padding rows too
+    return i, j, _tile(blk(z_p, i), blk(z_p, j), scale, blk(g_p, i), blk(g_p, j), graph, excluded)
+
+  def blocks(stats, i):
+    return tuple(blk(x, i) for x in stats)
+
+  def update(stats, i, new):
+    return tuple(jax.lax.dynamic_update_slice_in_dim(x, v, i * block, 0) for x, v in zip(stats, new))
+
+  def fold(p, stats):
+    i, j, (raw, l, t) = tile(p)
+    stats = update(stats, i, _fold_stats(blocks(stats, i), l, t, scale * raw, 1, shifts))
+    # A diagonal block's columns are its own rows, already folded.
+    old = blocks(stats, j)
+    cols = _fold_stats(old, l, t, scale * raw, 0, shifts)
+    return update(stats, j, tuple(jnp.where(i == j, o, c) for o, c in zip(old, cols)))
+
+  start = [jnp.full((n_pad,), -jnp.inf if s is None else s) for s in shifts]
+  zeros = jnp.zeros((n_pad,))
+  m_l, s_l, m_t, s_t, acc = jax.lax.fori_loop(0, pairs.shape[0], fold, (start[0], zeros, start[1], zeros, zeros))
+  has_target = (s_t > 0) & (ids < n)
+  s_l, s_t = jnp.where(has_target, s_l, 1.0), jnp.where(has_target, s_t, 1.0)
+  m_l, m_t = jnp.where(has_target, m_l, 0.0), jnp.where(has_target, m_t, 0.0)
+  loss = jnp.where(has_target, jnp.log(s_l) + m_l - acc / s_t, 0.0)
+  out = (jnp.sum(loss), jnp.sum(has_target.astype(jnp.float32)))
+  if not with_grad:
+    return out, None
+
+  # exp(x - m) / s rather than exp(x - LSE), whose rounding near a large max (t up to 1 / tau_s) costs G digits.
+  r_l, r_t = jnp.where(has_target, 1.0 / s_l, 0.0), jnp.where(has_target, 1.0 / s_t, 0.0)
+  z_t = z_p.T  # [D, N]: the column-side product is then a plain (not transposed-operand) matmul
+
+  def softmaxes(x, m, r, shift, i, j):  # softmax_j(x_ij) of rows I plus softmax_i(x_ij) of rows J (columns)
+    r_i, r_j = blk(r, i)[:, None], blk(r, j)[None, :]
+    if shift is not None:  # exp(x - shift) <= 1 serves both, rows without targets have r = 0
+      return jnp.exp(x - shift) * (r_i + r_j)
+    m_i, m_j = blk(m, i)[:, None], blk(m, j)[None, :]  # a row without targets may overflow: where, not r = 0
+    return jnp.where(r_i > 0, jnp.exp(x - m_i) * r_i, 0.0) + jnp.where(r_j > 0, jnp.exp(x - m_j) * r_j, 0.0)
+
+  def grads(p, carry):
+    dz, dz_t = carry
+    i, j, (_, l, t) = tile(p)
+    # S = A_IJ + A_JI^T with A = P - G: the rows' softmaxes of I and, through the columns, of J.
+    s = softmaxes(l, m_l, r_l, shifts[0], i, j) - softmaxes(t, m_t, r_t, shifts[1], i, j)
+    s_mm = s.astype(z.dtype)
+    dz_i = blk(dz, i) + jnp.dot(s_mm, blk(z_p, j), preferred_element_type=jnp.float32)
+    dz = jax.lax.dynamic_update_slice_in_dim(dz, dz_i, i * block, 0)
+    # Off the diagonal, S^T z_I is block J's share; a diagonal S already holds both.
+    dz_t_j = jnp.dot(blk(z_t, i, 1), s_mm, preferred_element_type=jnp.float32)
+    dz_t_j = blk(dz_t, j, 1) + jnp.where(i == j, 0.0, dz_t_j)
+    return dz, jax.lax.dynamic_update_slice_in_dim(dz_t, dz_t_j, j * block, 1)
+
+  d = z.shape[1]
+  dz, dz_t = jax.lax.fori_loop(0, pairs.shape[0], grads, (jnp.zeros((n_pad, d)), jnp.zeros((d, n_pad))))
+  dz = dz + dz_t.T  # (A + A^T) z: d(loss_sum)/dl = A, and l = scale z z^T
+  # d/dscale = sum_ij A_ij z_i.z_j = (1/2) sum_i z_i . ((A + A^T) z)_i
+  return out, (scale * dz[:n], 0.5 * jnp.sum(z_p.astype(jnp.float32) * dz))
+
+
+def _p_minus_g(l, t, norm, axis):
+  """A = P - G of the rows along `axis` (1: the tile's rows, 0: its columns) from their final statistics.
+
+  norm = (m_l, 1 / s_l, m_t, 1 / s_t, has_target): exp(x - m) / s rather than exp(x - LSE), whose rounding near a
+  large max (t up to 1 / tau_s) would cost G digits."""
+  m_l, r_l, m_t, r_t, has_target = (jnp.expand_dims(x, axis) for x in norm)
+  return jnp.where(has_target, jnp.exp(l - m_l) * r_l - jnp.exp(t - m_t) * r_t, 0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -495,3 +672,22 @@ def _blockwise_bwd(cfg, grads, cotangents):
 
 
 _blockwise_sum.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sym_sum(cfg, z, scale, graph):
+  out, _ = _sym_sweep(cfg, z, scale, graph, with_grad=False)
+  return out
+
+
+def _sym_fwd(cfg, z, scale, graph):
+  return _sym_sweep(cfg, z, scale, graph, with_grad=True)
+
+
+def _sym_bwd(cfg, grads, cotangents):
+  dz, dscale = grads
+  g = cotangents[0]
+  return (g * dz).astype(cfg[3]), g * dscale, None
+
+
+_sym_sum.defvjp(_sym_fwd, _sym_bwd)
