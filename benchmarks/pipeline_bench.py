@@ -74,11 +74,9 @@ def bench_case(name, args):
     config, source = CASES[name](args, tmp)
     train.check_config(config)
     mesh = train.make_mesh(config)
-    table = None
-    if config.loss.name == "xclr" and train.graph_kind(config, source) == "class":
-      table = jax.device_put(train.class_similarity(source), train.sharding.replicated(mesh))
     graphdef, _, shardings = train.abstract_state(config, mesh)
-    step = train.make_train_step(config, graphdef, shardings, mesh, train.make_loss_fn(config, mesh, table))
+    loss_fn = train.make_loss_fn(config, mesh, train.class_table(config, source, mesh))
+    step = train.make_train_step(config, graphdef, shardings, mesh, loss_fn)
     state = train.init_state(config, shardings)
     it = train.train_iterator(config, source, mesh)
     t0 = time.perf_counter()
@@ -132,7 +130,7 @@ def bench_case(name, args):
             "source_records": len(source), "num_workers": config.data.num_workers,
             "workers_used": pipeline.resolve_num_workers(config.data.num_workers),
             "read_threads": config.data.read_threads, "devices": jax.device_count(),
-            "cpus": len(os.sched_getaffinity(0)), "rounds": args.rounds, "steps_per_phase": args.steps,
+            "cpus": pipeline.host_cores(), "rounds": args.rounds, "steps_per_phase": args.steps,
             "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),
             "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),
             "step_time_pipeline": round(m_fed, 4), "ratio": round(m_fed / m_mem, 3),

@@ -513,7 +513,7 @@ def _sweep(cfg, zr, zc, scale, graph, offset, with_grad):
               jnp.where(has_target, m_t, 0.0), 1.0 / jnp.where(has_target, s_t, 1.0), has_target)
       def grads(j, s):
         _, l, t = tile(j)
-        return grad_tile(_p_minus_g(l, t, norm, 1), j, *s)
+        return grad_tile(_p_minus_g(l, t, norm), j, *s)
       dzr_i, dzc_t = jax.lax.fori_loop(0, n_col_tiles, grads, (dzr_i, dzc_t))
     # d/dscale = sum_ij A_ij zr_i . zc_j = sum_i zr_i . (A zc)_i
     dscale = dscale + jnp.sum(zr_i.astype(jnp.float32) * dzr_i)
@@ -643,12 +643,12 @@ def _sym_sweep(cfg, z, scale, graph, with_grad):
   return out, (scale * dz[:n], 0.5 * jnp.sum(z_p.astype(jnp.float32) * dz))
 
 
-def _p_minus_g(l, t, norm, axis):
-  """A = P - G of the rows along `axis` (1: the tile's rows, 0: its columns) from their final statistics.
+def _p_minus_g(l, t, norm):
+  """A = P - G of a tile's rows from their final statistics.
 
   norm = (m_l, 1 / s_l, m_t, 1 / s_t, has_target): exp(x - m) / s rather than exp(x - LSE), whose rounding near a
   large max (t up to 1 / tau_s) would cost G digits."""
-  m_l, r_l, m_t, r_t, has_target = (jnp.expand_dims(x, axis) for x in norm)
+  m_l, r_l, m_t, r_t, has_target = (x[:, None] for x in norm)
   return jnp.where(has_target, jnp.exp(l - m_l) * r_l - jnp.exp(t - m_t) * r_t, 0.0)
 
 

@@ -345,6 +345,15 @@ def class_similarity(source) -> np.ndarray:
   return (table @ table.T).astype(np.float32)
 
 
+def class_table(config, source, mesh) -> jax.Array | None:
+  """The class graph's K x K table, replicated on the mesh, when X-CLR trains on it (else None)."""
+  if config.loss.name != "xclr" or graph_kind(config, source) != "class":
+    return None
+  if not isinstance(source, sources.LabelSource):
+    raise ConfigError(f"config.loss.graph: 'class' needs a label dataset (tfds: or folder:), not {config.data.train!r}")
+  return jax.device_put(class_similarity(source), sharding.replicated(mesh))
+
+
 def make_loss_fn(config, mesh, table: jax.Array | None):
   """(model, batch) -> (loss, aux metrics). The towers run under jit on the sharded batch; the objective runs in
   shard_map over 'data' on this device's rows, and the losses gather the global batch."""
@@ -754,15 +763,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_source = get_source(config, config.data.train, config.data.train_split, workdir)
   except (ValueError, OSError) as e:  # a missing directory, an unknown TFDS name, an empty shard manifest
     raise ConfigError(f"config.data.train: {config.data.train!r} cannot be read: {e}") from e
-  table = None
-  if config.loss.name == "xclr" and graph_kind(config, train_source) == "class":
-    if not isinstance(train_source, sources.LabelSource):
-      raise ConfigError("config.loss.graph: 'class' needs a label dataset (tfds: or folder:), "
-                        f"not {config.data.train!r}")
-    table = jax.device_put(class_similarity(train_source), sharding.replicated(mesh))
-
   graphdef, target, shardings = abstract_state(config, mesh)
-  loss_fn = make_loss_fn(config, mesh, table)
+  loss_fn = make_loss_fn(config, mesh, class_table(config, train_source, mesh))
   train_step = make_train_step(config, graphdef, shardings, mesh, loss_fn)
 
   mngr = checkpoint_manager(workdir, config)

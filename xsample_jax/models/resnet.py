@@ -60,6 +60,12 @@ def _taps(x, kh, kw, strides, padding, pad_value=0.0):
           for i, j in taps], taps
 
 
+def _patches(x, kh, kw, strides, padding):
+  """[B, Ho, Wo, taps*C]: the taps' windows (`_taps`) concatenated on channels, and the taps."""
+  cols, taps = _taps(x, kh, kw, strides, padding)
+  return (cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)), taps
+
+
 def patches_conv(x, w, strides, padding, *, precision=None, preferred_element_type=None):
   """NHWC x HWIO convolution as one matmul over the k*k shifted windows (im2col), concatenated on channels.
 
@@ -67,8 +73,7 @@ def patches_conv(x, w, strides, padding, *, precision=None, preferred_element_ty
   contracts [B, Ho, Wo, taps*C] with the kernel reshaped to [taps*C, O]. Its autodiff is matmuls, slices and pads:
   no convolution, so nothing for XLA to rewrite.
   """
-  cols, taps = _taps(x, w.shape[0], w.shape[1], strides, padding)
-  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  patches, taps = _patches(x, w.shape[0], w.shape[1], strides, padding)
   kernel = jnp.concatenate([w[i, j] for i, j in taps], axis=0) if len(taps) > 1 else w[taps[0]]
   return jax.lax.dot_general(patches, kernel, (((3,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=preferred_element_type)
@@ -99,8 +104,7 @@ def _matmul_wgrad_bwd(strides, padding, precision, preferred_element_type, resid
   _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, padding, precision, preferred_element_type), x)
   (dx,) = input_vjp(dy)
   kh, kw, c, o = w.shape
-  cols, taps = _taps(x, kh, kw, strides, padding)
-  patches = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  patches, taps = _patches(x, kh, kw, strides, padding)
   # Positions flattened: a plain 2-D [taps*C, P] x [P, O] matmul (1.3-1.6x the 4-D contraction, measured).
   dw = jax.lax.dot_general(patches.reshape(-1, patches.shape[-1]), dy.astype(x.dtype).reshape(-1, o),
                            (((0,), (0,)), ((), ())), precision=precision,
@@ -150,13 +154,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   plain_layout = (lhs.ndim == 4 and dn == _NHWC and feature_group_count == 1 and out_sharding is None and not kwargs
                   and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)))
   if plain_layout:
-    strides = tuple(window_strides)
+    strides, pads = tuple(window_strides), tuple(tuple(p) for p in pads)
     out_hw = [(i + lo + hi - k) // s + 1 for i, (lo, hi), k, s in zip(lhs.shape[1:3], pads, rhs.shape[:2], strides)]
-  if plain_layout and use_patches(lhs.shape[1:3], out_hw, rhs.shape[:2], strides):
-    return patches_conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in pads), precision=precision,
-                        preferred_element_type=preferred_element_type)
-  if plain_layout and use_matmul_wgrad(out_hw):
-    return matmul_wgrad_conv(lhs, rhs, strides, tuple(tuple(p) for p in pads), precision, preferred_element_type)
+    if use_patches(lhs.shape[1:3], out_hw, rhs.shape[:2], strides):
+      return patches_conv(lhs, rhs, strides, pads, precision=precision, preferred_element_type=preferred_element_type)
+    if use_matmul_wgrad(out_hw):
+      return matmul_wgrad_conv(lhs, rhs, strides, pads, precision, preferred_element_type)
   return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, precision=precision,
                                       preferred_element_type=preferred_element_type, out_sharding=out_sharding,
