@@ -3,6 +3,8 @@
     python -m benchmarks.loss_bench                       # N = 4096 .. 65536, both impls
     python -m benchmarks.loss_bench --n 16384 32768 --impl blockwise --dtype bfloat16
     python -m benchmarks.loss_bench --n 4096 8192 16384 --impl plain   # plain JAX vs the dense path, one process
+    python -m benchmarks.loss_bench --n 262144 --d 512 --impl blockwise --dtype bfloat16 --repeats 3
+                                                                        # on a GPU/TPU: fraction_of_peak
 
 One JSON line per (impl, N). Each measurement runs in a fresh subprocess so that its peak RSS
 (ru_maxrss, the whole process: runtime + inputs + loss) is its own. The matmul floor is the time that
@@ -13,6 +15,8 @@ Wall times are medians of --repeats runs after a warm-up (none with --repeats 1)
 floor itself, before each timed call (best rate over those measurements): ratio_to_floor_alongside is the same
 ratio with the floor taken while the machine was in the state the loss ran in (other jobs on a shared machine). "plain" is the same loss written plainly
 (plain_loss); its worker also times the library's dense path, interleaved in that process (dense_over_plain).
+On a chip with a known peak (benchmarks/timing.py, or --peak-tflops) each line also has fraction_of_peak: the dense
+FLOPs over the wall time, against that peak.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, peak_tflops
 
 GIB = 1 << 30
 
@@ -124,6 +128,9 @@ def main(argv=None):
   p.add_argument("--impl", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise", "auto", "plain"])
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--peak-tflops", type=float, default=None,
+                 help="the chip's dense matmul peak for --dtype (default: benchmarks.timing's table by device kind; "
+                      "none on a CPU)")
   p.add_argument("--dense-max-gib", type=float, default=4.0,
                  help="skip dense when one N x N f32 buffer is larger than this")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -135,6 +142,7 @@ def main(argv=None):
   import jax.numpy as jnp
   rates = matmul_rates(args.d, args.e, jnp.dtype(args.dtype))
   backend = jax.default_backend()
+  peak = peak_tflops(jax.devices()[0], args.dtype, args.peak_tflops)
   for n in args.n:
     flops = 6 * n * n * args.d + 2 * n * n * args.e
     floor_s = 6 * n * n * args.d / rates[args.d] + 2 * n * n * args.e / rates[args.e]
@@ -154,6 +162,8 @@ def main(argv=None):
       else:
         row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         row["ratio_to_matmul_floor"] = row["wall_s"] / floor_s
+        if peak:  # the dense FLOPs over the wall time, against the chip's matmul peak
+          row.update(peak_tflops=peak, fraction_of_peak=flops / row["wall_s"] / (peak * 1e12))
       print(json.dumps(row), flush=True)
 
 

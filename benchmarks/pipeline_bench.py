@@ -9,8 +9,9 @@ Cases:
   jpeg224: configs/cc.py (data=cc3m, loss=xclr) on caption shards of 256 px JPEGs written here with the project's
            writer (benchmarks/input_bench._jpeg_shards), two 224 px views; --model and --batch (default ResNet-18,
            8 images: a few seconds a step on a 2-core CPU), float32 (bfloat16 is the TPU setting).
-Both use the config's own data.num_workers and data.read_threads (the default -1 resolves to
-`pipeline.default_num_workers()` for this host) and the config's mesh over the host's devices.
+Both use the config's own data.num_workers and data.read_threads (the defaults, -1, resolve to
+`pipeline.default_num_workers()` and `pipeline.default_read_threads()` for this host) and the config's mesh over the
+host's devices.
 
 Per case, the step (`train.make_train_step`) runs in alternating phases, --rounds of each:
   in-memory: the first pipeline batch, already on device, every step;
@@ -129,7 +130,9 @@ def bench_case(name, args):
             "batch_size": config.batch_size, "image_size": config.image_size, "data": config.data.train,
             "source_records": len(source), "num_workers": config.data.num_workers,
             "workers_used": pipeline.resolve_num_workers(config.data.num_workers),
-            "read_threads": config.data.read_threads, "devices": jax.device_count(),
+            "read_threads": config.data.read_threads,
+            "read_threads_used": pipeline.resolve_read_threads(config.data.read_threads, config.data.num_workers),
+            "devices": jax.device_count(),
             "cpus": pipeline.host_cores(), "rounds": args.rounds, "steps_per_phase": args.steps,
             "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),
             "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),

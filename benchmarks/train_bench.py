@@ -3,6 +3,8 @@
     python -m benchmarks.train_bench                              # resnet18, 5 timed steps per framework
     python -m benchmarks.train_bench --models resnet18 vit_s16 --steps 5
     python -m benchmarks.train_bench --no-torch                   # JAX only
+    python -m benchmarks.train_bench --models vit_b16 --no-torch --dtype bfloat16 --image-size 224 --batch-size 256
+                                                                  # on a GPU/TPU: MFU of the ViT-B/16 step
 
 Both frameworks run the same step on the same batch: B images x 2 views (2B rows) of S px, the image tower
 (ResNet-18 with the ImageNet stem, 7x7/2 conv + 3x3/2 max-pool, BasicBlocks, BatchNorm in train mode; or ViT-S/16,
@@ -19,6 +21,9 @@ torchvision): the models are written here; `torch.set_num_threads(os.cpu_count()
 Steps are timed interleaved (one JAX step, one torch step, ...) in this one process after a warm-up (compile) step;
 medians of --steps. One JSON line per (model, framework), then a summary line per model with jax / torch images/s.
 
+The JAX line carries `step_flops` (XLA's count for the compiled step: towers, loss, optimizer), the achieved
+`tflop_per_s` and, on a chip in `timing.PEAK_BF16_TFLOPS` (or with --peak-tflops), `mfu`: achieved / peak.
+
 With torch, the summary also carries `matmul_chain_jax_over_torch`: the tower's own matmuls alone (for ViT-S/16 the
 qkv, output and two MLP projections of every block on the 2B x tokens rows; for ResNet-18 none, its FLOPs are
 convolutions), forward and backward, as a bare chain in each framework, timed interleaved in the same run. It is
@@ -32,9 +37,10 @@ import math
 import os
 import time
 
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import compiled_flops, interleaved_medians, peak_tflops
 
-MODELS = ("resnet18", "vit_s16")
+MODELS = ("resnet18", "vit_s16", "vit_b16")
+TORCH_VIT = {"vit_s16": dict(width=384, heads=6, mlp=1536), "vit_b16": dict(width=768, heads=12, mlp=3072)}
 EMBED_DIM = 384
 
 
@@ -69,6 +75,7 @@ def jax_step(model, args, np_batch):
     c.model.stem = "imagenet"
   c.image_size = args.image_size
   c.batch_size = args.batch_size
+  c.model.dtype = args.dtype
   c.optimizer.name = "sgd"
   c.loss.name = "xclr"
   c.loss.graph = "caption"
@@ -79,6 +86,7 @@ def jax_step(model, args, np_batch):
   state = train.init_state(c, shardings)
   step = train.make_train_step(c, graphdef, shardings, mesh, train.make_loss_fn(c, mesh, None))
   batch = jax.device_put(np_batch, sharding.batch_sharding(mesh))
+  flops = compiled_flops(step.lower(state, batch))
   box = {"state": state}
 
   def run():
@@ -88,7 +96,7 @@ def jax_step(model, args, np_batch):
 
   t0 = time.perf_counter()
   loss = run()
-  return run, time.perf_counter() - t0, loss, tuple(c.model.head)
+  return run, time.perf_counter() - t0, loss, tuple(c.model.head), flops
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,7 +207,7 @@ def torch_step(model, args, np_batch, head):
 
   ResNet18, ViT, Encoder = torch_modules()
   torch.manual_seed(0)
-  tower = ResNet18() if model == "resnet18" else ViT(args.image_size)
+  tower = ResNet18() if model == "resnet18" else ViT(args.image_size, **TORCH_VIT[model])
   net = Encoder(tower, head)
   net.train()
   channels_last = model == "resnet18" and args.torch_layout == "channels_last"
@@ -259,32 +267,42 @@ def bench_model(model, args, torch_ok, note):
   np_batch = make_batch(args)
   images = args.batch_size  # images per step (each as 2 views)
   common = dict(bench="train_step", model=model, image_size=args.image_size, batch_size=args.batch_size,
-                rows=2 * args.batch_size, steps=args.steps, cpu_count=os.cpu_count())
+                rows=2 * args.batch_size, steps=args.steps, switch_warmup=args.switch_warmup,
+                cpu_count=os.cpu_count())
   if note:
     common["note"] = note
-  j_run, j_compile, j_loss, head = jax_step(model, args, np_batch)
-  fns, extra = [j_run], [dict(framework="jax", first_step_s=round(j_compile, 2), first_loss=round(j_loss, 4))]
+  import jax
+  j_run, j_compile, j_loss, head, flops = jax_step(model, args, np_batch)
+  device = jax.devices()[0]
+  peak = peak_tflops(device, args.dtype, args.peak_tflops)
+  fns, extra = [j_run], [dict(framework="jax", backend=device.platform, device_kind=device.device_kind,
+                              dtype=args.dtype, first_step_s=round(j_compile, 2), first_loss=round(j_loss, 4),
+                              step_flops=flops, peak_tflops=peak)]
   if torch_ok:
     import torch
     t_run, t_first, t_loss, layout = torch_step(model, args, np_batch, head)
     fns.append(t_run)
     extra.append(dict(framework="torch", torch_version=torch.__version__, threads=torch.get_num_threads(),
                       layout=layout, first_step_s=round(t_first, 2), first_loss=round(t_loss, 4)))
-  medians = interleaved_medians(fns, args.steps)
+  medians = interleaved_medians(fns, args.steps, args.switch_warmup)
   rates = []
   for med, ex in zip(medians, extra):
     rates.append(images / med)
+    if ex.get("step_flops"):  # XLA's count of the compiled step over its time; MFU against the chip's peak
+      ex["tflop_per_s"] = round(ex["step_flops"] / med / 1e12, 3)
+      if ex["peak_tflops"]:
+        ex["mfu"] = round(ex["tflop_per_s"] / ex["peak_tflops"], 4)
     print(json.dumps(dict(common, **ex, head=list(head), median_s=round(med, 4),
                           images_per_s=round(images / med, 2))), flush=True)
   summary = dict(common, bench="train_step_summary", jax_images_per_s=round(rates[0], 2))
   if torch_ok:
     summary.update(torch_images_per_s=round(rates[1], 2), jax_over_torch=round(rates[0] / rates[1], 3))
-    if model == "vit_s16":
-      jax_s, torch_s = interleaved_medians(matmul_chain(args), args.steps)
+    if model == "vit_s16" and args.image_size % 16 == 0:
+      jax_s, torch_s = interleaved_medians(matmul_chain(args), args.steps, args.switch_warmup)
       summary.update(matmul_chain_jax_s=round(jax_s, 4), matmul_chain_torch_s=round(torch_s, 4),
                      matmul_chain_jax_over_torch=round(torch_s / jax_s, 3))
   else:
-    summary["torch"] = "not installed"
+    summary["torch"] = "not run"
   print(json.dumps(summary), flush=True)
 
 
@@ -297,10 +315,19 @@ def main():
   ap.add_argument("--torch-layout", default="channels_last", choices=("channels_last", "nchw"),
                   help="memory format of the torch ResNet")
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="the JAX model's compute dtype (model.dtype); PyTorch runs only with float32")
+  ap.add_argument("--peak-tflops", type=float, default=None,
+                  help="the chip's dense matmul peak, for MFU (default: a table of known accelerators by device kind)")
+  ap.add_argument("--switch-warmup", type=int, default=1,
+                  help="untimed steps of a framework at each of its turns, before the timed one")
   ap.add_argument("--note", default="", help="free text added to every line (e.g. machine shared with a CI run)")
   args = ap.parse_args()
   torch_ok = False
-  if not args.no_torch:
+  if args.dtype != "float32" and not args.no_torch:
+    print(json.dumps({"bench": "train_step", "framework": "torch",
+                      "skipped": f"the PyTorch step is float32 only; reporting JAX in {args.dtype}"}), flush=True)
+  elif not args.no_torch:
     try:
       import torch
       torch.set_num_threads(os.cpu_count())

@@ -164,6 +164,17 @@ def test_auto_worker_count_follows_the_host_cores():
     pipeline.resolve_num_workers(-2)
 
 
+def test_auto_read_threads_follow_the_worker_count_and_the_host_cores():
+  # One thread in the training process of a small host (the step has the cores), 8 elsewhere.
+  assert [pipeline.default_read_threads(0, c) for c in (1, 2, 4, 8)] == [1, 1, 1, 8]
+  assert [pipeline.default_read_threads(w, 2) for w in (1, 4)] == [8, 8]
+  assert pipeline.resolve_read_threads(-1, 0) == pipeline.default_read_threads(0)
+  assert pipeline.resolve_read_threads(3, 0) == 3
+  for bad in (0, -2):
+    with pytest.raises(ValueError, match="read_threads must be > 0, or -1"):
+      pipeline.resolve_read_threads(bad, 0)
+
+
 def _write_shards(directory, records):
   writer = shards.ShardWriter(str(directory), records_per_shard=4)
   for r in records:

@@ -384,7 +384,30 @@ def resolve_num_workers(num_workers: int) -> int:
   return default_num_workers() if num_workers == -1 else num_workers
 
 
+def default_read_threads(num_workers: int, cores: int | None = None) -> int:
+  """Read threads for `read_threads=-1`, given the resolved worker count: one in the training process of a host of
+  up to 4 cores, else 8 (in the training process, or in each worker).
+
+  In the training process the threads share the GIL and the cores with the train step, and on a small host the
+  step already keeps every core busy, so what counts is the pipeline's CPU per image, not its parallelism: at the
+  smoke setting on 2 cores, reading alone, 8 threads spent 2.1 CPU-ms an image against 1.1 for one (the rest is the
+  GIL changing hands). Beside the step the difference shrinks to the noise (benchmarks/pipeline_bench.py, 3 runs
+  each: the fed step 1.16-1.27x the in-memory one with 8, 1.14-1.26x with 1). One thread still reads ahead while
+  the step runs.
+  """
+  cores = host_cores() if cores is None else cores
+  return 1 if num_workers == 0 and cores <= 4 else 8
+
+
+def resolve_read_threads(read_threads: int, num_workers: int) -> int:
+  """read_threads, or for -1 (auto) `default_read_threads` for the resolved worker count on this host."""
+  if read_threads == 0 or read_threads < -1:
+    raise ValueError(f"read_threads must be > 0, or -1 for the host's default; got {read_threads}")
+  return default_read_threads(resolve_num_workers(num_workers)) if read_threads == -1 else read_threads
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
+  read_threads = resolve_read_threads(read_threads, num_workers)
   num_workers = resolve_num_workers(num_workers)
   # Enough read-ahead for a batch and a half, so the threads (or each worker's threads) never starve.
   per_worker = max(2, -(-3 * local_batch // (2 * max(1, num_workers))))
@@ -400,7 +423,7 @@ def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_ba
 
 def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugment, seed: int,
                   process_index: int | None = None, process_count: int | None = None, mesh=None,
-                  num_epochs: int | None = None, num_workers: int = 0, read_threads: int = 8,
+                  num_epochs: int | None = None, num_workers: int = 0, read_threads: int = -1,
                   strict: bool = False, embed_dim: int = EMBED_DIM,
                   tokenize_fn: TokenizeFn | None = None, start_batch: int = 0, max_bad_in_a_row: int = 1000,
                   max_bad_fraction: float = 0.5) -> grain.IterDataset:
@@ -410,7 +433,8 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
   a generator keyed by the element's position in the stream, so global batch k (its examples, their order and their
   augmentations) does not depend on the number of processes, and no two epochs share augmentation randomness.
   num_workers: grain worker processes running the augmentation (0: grain's read threads in this process; -1: the
-  host's default, `default_num_workers()`); read_threads: threads reading and augmenting (per worker).
+  host's default, `default_num_workers()`); read_threads: threads reading and augmenting (per worker; -1: the
+  default for that worker count, `default_read_threads()`).
   tokenize_fn: adds "tokens" / "token_mask" [2b, L] from each caption (picklable; see the module docstring).
   start_batch: the first global batch to yield (a resume on another process layout; same-layout resumes restore
   the iterator's state instead).
@@ -429,7 +453,7 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
 
 def eval_dataset(source, *, global_batch_size: int, image_size: int, process_index: int | None = None,
                  process_count: int | None = None, mesh=None, crop_fraction: float = 0.875, num_workers: int = 0,
-                 read_threads: int = 8, strict: bool = False, embed_dim: int = EMBED_DIM,
+                 read_threads: int = -1, strict: bool = False, embed_dim: int = EMBED_DIM,
                  tokenize_fn: TokenizeFn | None = None) -> grain.IterDataset:
   """One pass in source order, resize + centre crop, padded to whole global batches (so all processes yield the
   same number of batches, and the rows of global batch k are source elements [k B, (k + 1) B) for any layout).

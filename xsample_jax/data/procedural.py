@@ -87,10 +87,10 @@ def caption_id(f: dict) -> int:
 
 def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   """Inside-test in object coordinates (unit radius, v pointing down)."""
-  r = np.hypot(u, v)
+  r = lambda: np.hypot(u, v)  # noqa: E731 - only the round shapes need it
   au, av = np.abs(u), np.abs(v)
   if name == "circle":
-    return r <= 1
+    return r() <= 1
   if name == "square":
     return np.maximum(au, av) <= 0.8
   if name == "triangle":
@@ -99,13 +99,14 @@ def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return au + av <= 1
   if name == "star":
     theta = np.arctan2(u, -v)  # one point straight up
-    return r <= 0.42 + 0.58 * np.abs(np.cos(2.5 * theta)) ** 4
+    return r() <= 0.42 + 0.58 * np.abs(np.cos(2.5 * theta)) ** 4
   if name == "cross":
     return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
   if name == "hexagon":
     return (av <= 0.866) & (0.866 * au + 0.5 * av <= 0.866)
   if name == "ring":
-    return (r <= 1) & (r >= 0.55)
+    rr = r()
+    return (rr <= 1) & (rr >= 0.55)
   raise ValueError(name)
 
 
@@ -143,8 +144,8 @@ def render(f: dict, size: int, rng: np.random.Generator) -> np.ndarray:
     on = np.zeros((1, 1), bool)
   elif texture == "striped":
     on = np.mod(t / period + px, 1.0) < 0.5
-  elif texture == "checkered":
-    on = (np.floor(xx / period + px) + np.floor(yy / period + py)) % 2 == 1
+  elif texture == "checkered":  # the parity of the cell's row + column, the floors taken on one row and one column
+    on = (np.floor(xx / period + px).astype(np.int32) + np.floor(yy / period + py).astype(np.int32)) % 2 == 1
   else:  # dotted
     cx, cy = np.mod(xx / period + px, 1.0) - 0.5, np.mod(yy / period + py, 1.0) - 0.5
     on = np.hypot(cx, cy) < 0.25
