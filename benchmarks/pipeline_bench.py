@@ -73,6 +73,8 @@ def _own_cpu() -> float:
 def bench_case(name, args):
   with tempfile.TemporaryDirectory() as tmp:
     config, source = CASES[name](args, tmp)
+    if args.read_threads is not None:
+      config.data.read_threads = args.read_threads
     train.check_config(config)
     mesh = train.make_mesh(config)
     graphdef, _, shardings = train.abstract_state(config, mesh)
@@ -156,6 +158,7 @@ def main():
   ap.add_argument("--model", default="resnet18", help="jpeg224: the image tower")
   ap.add_argument("--batch", type=int, default=8, help="jpeg224: global images per step (two views each)")
   ap.add_argument("--records", type=int, default=512, help="jpeg224: JPEG records written")
+  ap.add_argument("--read-threads", type=int, default=None, help="data.read_threads instead of the config's")
   ap.add_argument("--note", default="", help="free text added to every line")
   args = ap.parse_args()
   for name in args.cases:
