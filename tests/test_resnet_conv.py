@@ -102,14 +102,17 @@ def test_matmul_wgrad_conv_equals_lax_conv_float64(hw, k, stride, pad):
       np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
-def test_large_maps_take_the_kernel_gradient_as_a_matmul():
-  """From 8 x 8 outputs up the compiled gradient keeps XLA's forward and input-gradient convs, and no third conv (the
-  kernel gradient, a conv over the whole map that XLA:CPU runs at ~20-35 GFLOP/s); below, all three stay."""
-  grad = lambda hw: jax.jit(jax.grad(lambda x, w: jnp.sum(_ours(x, w, 1, 3) ** 2), argnums=(0, 1))).lower(
-      jnp.zeros((2, *hw, 8)), jnp.zeros((3, 3, 8, 8))).compile().as_text().count(" convolution(")
-  assert resnet.use_matmul_wgrad((8, 8)) and not resnet.use_matmul_wgrad((4, 4))
-  assert grad((8, 8)) == 2
-  assert grad((4, 4)) == 3
+def test_large_wide_maps_take_the_kernel_gradient_as_a_matmul():
+  """From 8 x 8 outputs and 64 channels up the compiled gradient keeps XLA's forward and input-gradient convs, and no
+  third conv (the kernel gradient, a conv over the whole map that XLA:CPU runs at ~20-35 GFLOP/s); on smaller maps,
+  or narrower convs (whose patches cost more to build than XLA's kernel-gradient conv), all three stay."""
+  grad = lambda hw, cout: jax.jit(jax.grad(lambda x, w: jnp.sum(_ours(x, w, 1, 3) ** 2), argnums=(0, 1))).lower(
+      jnp.zeros((2, *hw, 8)), jnp.zeros((3, 3, 8, cout))).compile().as_text().count(" convolution(")
+  assert resnet.use_matmul_wgrad((8, 8), 64)
+  assert not resnet.use_matmul_wgrad((4, 4), 64) and not resnet.use_matmul_wgrad((8, 8), 32)
+  assert grad((8, 8), 64) == 2
+  assert grad((4, 4), 64) == 3
+  assert grad((8, 8), 16) == 3
 
 
 @pytest.mark.parametrize("shape,window,stride,pad", [((2, 8, 8, 3), 3, 2, 1), ((2, 7, 9, 2), 3, 2, 1),

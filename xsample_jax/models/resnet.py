@@ -43,6 +43,11 @@ PATCHES_CONV = True
 # 64 px X-CLR step (batch 128 x 2, 2 cores): 2.50 s with none, 2.05 s from 256 up (the stem and stage 1), 2.01 s from
 # 64 up (and stage 2), 1.98 s from 16 up, measured interleaved in one process.
 MATMUL_WGRAD_MIN_POSITIONS = 64
+# ... and for convs of this many output channels or more: the matmul does 2 * Cout FLOPs per patch element it reads,
+# and with few channels building the patches costs more than XLA's kernel-gradient conv. The smoke step (resnet_tiny,
+# 16-64 channels at 32 px, 128 rows): 0.241 s with every conv from 64 positions up, 0.197 s from 64 channels up (its
+# last stage), 0.193 s with none; ResNet-18's convs all have 64 or more.
+MATMUL_WGRAD_MIN_CHANNELS = 64
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -130,10 +135,11 @@ def use_patches(in_hw, out_hw, kernel_hw, strides) -> bool:
   return tuple(kernel_hw) == (1, 1) and any(s > 1 for s in strides)
 
 
-def use_matmul_wgrad(out_hw) -> bool:
-  """Whether a plain-layout conv with this output size gets its kernel gradient as a matmul (CPU only: elsewhere
-  XLA's own kernel-gradient conv is fast, and the patches would cost k*k times the input's memory)."""
-  return PATCHES_CONV and jax.default_backend() == "cpu" and out_hw[0] * out_hw[1] >= MATMUL_WGRAD_MIN_POSITIONS
+def use_matmul_wgrad(out_hw, out_channels: int) -> bool:
+  """Whether a plain-layout conv with this output size and width gets its kernel gradient as a matmul (CPU only:
+  elsewhere XLA's own kernel-gradient conv is fast, and the patches would cost k*k times the input's memory)."""
+  return (PATCHES_CONV and jax.default_backend() == "cpu" and out_hw[0] * out_hw[1] >= MATMUL_WGRAD_MIN_POSITIONS
+          and out_channels >= MATMUL_WGRAD_MIN_CHANNELS)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -158,7 +164,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     out_hw = [(i + lo + hi - k) // s + 1 for i, (lo, hi), k, s in zip(lhs.shape[1:3], pads, rhs.shape[:2], strides)]
     if use_patches(lhs.shape[1:3], out_hw, rhs.shape[:2], strides):
       return patches_conv(lhs, rhs, strides, pads, precision=precision, preferred_element_type=preferred_element_type)
-    if use_matmul_wgrad(out_hw):
+    if use_matmul_wgrad(out_hw, rhs.shape[3]):
       return matmul_wgrad_conv(lhs, rhs, strides, pads, precision, preferred_element_type)
   return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, precision=precision,
