@@ -128,12 +128,12 @@ def bench_case(name, args):
       waits += w
     it.close()
     m_mem, m_fed = statistics.median(mem), statistics.median(fed)
+    workers = pipeline.resolve_num_workers(config.data.num_workers)
     return {"bench": "pipeline_vs_in_memory_step", "case": name, "model": config.model.variant,
             "batch_size": config.batch_size, "image_size": config.image_size, "data": config.data.train,
             "source_records": len(source), "num_workers": config.data.num_workers,
-            "workers_used": pipeline.resolve_num_workers(config.data.num_workers),
-            "read_threads": config.data.read_threads,
-            "read_threads_used": pipeline.resolve_read_threads(config.data.read_threads, config.data.num_workers),
+            "workers_used": workers, "read_threads": config.data.read_threads,
+            "read_threads_used": pipeline.resolve_read_threads(config.data.read_threads, workers),
             "devices": jax.device_count(),
             "cpus": pipeline.host_cores(), "rounds": args.rounds, "steps_per_phase": args.steps,
             "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),

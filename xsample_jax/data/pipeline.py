@@ -399,16 +399,16 @@ def default_read_threads(num_workers: int, cores: int | None = None) -> int:
   return 1 if num_workers == 0 and cores <= 4 else 8
 
 
-def resolve_read_threads(read_threads: int, num_workers: int) -> int:
-  """read_threads, or for -1 (auto) `default_read_threads` for the resolved worker count on this host."""
+def resolve_read_threads(read_threads: int, workers: int) -> int:
+  """read_threads, or for -1 (auto) `default_read_threads` for `workers` (resolved: `resolve_num_workers`)."""
   if read_threads == 0 or read_threads < -1:
     raise ValueError(f"read_threads must be > 0, or -1 for the host's default; got {read_threads}")
-  return default_read_threads(resolve_num_workers(num_workers)) if read_threads == -1 else read_threads
+  return default_read_threads(workers) if read_threads == -1 else read_threads
 
 
 def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
-  read_threads = resolve_read_threads(read_threads, num_workers)
   num_workers = resolve_num_workers(num_workers)
+  read_threads = resolve_read_threads(read_threads, num_workers)
   # Enough read-ahead for a batch and a half, so the threads (or each worker's threads) never starve.
   per_worker = max(2, -(-3 * local_batch // (2 * max(1, num_workers))))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
