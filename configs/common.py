@@ -47,8 +47,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.unlabelled = "error"  # tfds examples with label -1 (e.g. stl10 'unlabelled'): 'error' | 'instance' (each its own caption)
   c.data.num_workers = -1  # grain worker processes (augmentation runs there); 0: threads of the training process;
   #   -1: by the host's cores (pipeline.default_num_workers: none up to 4 cores, then one per two, at most 16)
-  c.data.read_threads = -1  # threads reading and augmenting, in the training process or in each worker;
-  #   -1: pipeline.default_read_threads (1 in the training process of a host of up to 4 cores, else 8)
+  c.data.read_threads = -1  # threads reading and augmenting, in the training process or in each worker (0: the
+  #   thread asking for the batch reads); -1: pipeline.default_read_threads (0 in the training process of a host
+  #   of up to 4 cores, where the prefetch thread reads, else 8)
   c.data.allow_incomplete_shards = False  # shards:DIR that make_shards has not finished: refused unless True
   c.data.strict = False  # True: a bad record stops training instead of being skipped and counted
   c.data.max_bad_in_a_row = 1000  # stop when this many records in a row are bad (a dataset-wide problem) ...

@@ -165,13 +165,15 @@ def test_auto_worker_count_follows_the_host_cores():
 
 
 def test_auto_read_threads_follow_the_worker_count_and_the_host_cores():
-  # One thread in the training process of a small host (the step has the cores), 8 elsewhere.
-  assert [pipeline.default_read_threads(0, c) for c in (1, 2, 4, 8)] == [1, 1, 1, 8]
+  # No read threads in the training process of a small host (the step has the cores; Prefetch's thread reads), 8
+  # elsewhere.
+  assert [pipeline.default_read_threads(0, c) for c in (1, 2, 4, 8)] == [0, 0, 0, 8]
   assert [pipeline.default_read_threads(w, 2) for w in (1, 4)] == [8, 8]
   assert pipeline.resolve_read_threads(-1, 0) == pipeline.default_read_threads(0)
   assert pipeline.resolve_read_threads(3, 0) == 3
-  for bad in (0, -2):
-    with pytest.raises(ValueError, match="read_threads must be > 0, or -1"):
+  assert pipeline.resolve_read_threads(0, 4) == 0
+  for bad in (-2, -5):
+    with pytest.raises(ValueError, match="read_threads must be >= 0, or -1"):
       pipeline.resolve_read_threads(bad, 0)
 
 

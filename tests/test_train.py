@@ -108,7 +108,7 @@ BAD_CONFIGS = [
     ({"data.train": "folder:/no/such/dir"}, "config.data.train: 'folder:/no/such/dir' cannot be read"),
     ({"data.train": "tfds:no_such_dataset"}, "config.data.train: 'tfds:no_such_dataset' cannot be read"),
     ({"data.num_workers": -2}, r"config.data.num_workers: must be >= 0 .* or -1 \(by the host's cores\), got -2"),
-    ({"data.read_threads": 0}, "config.data.read_threads: must be > 0, or -1"),
+    ({"data.read_threads": -2}, "config.data.read_threads: must be >= 0, or -1"),
 ]
 
 

@@ -70,8 +70,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
   need(config.data.num_workers >= -1, "data.num_workers",
        f"must be >= 0 (worker processes; 0: threads in the training process) or -1 (by the host's cores), got "
        f"{config.data.num_workers}")
-  need(config.data.read_threads > 0 or config.data.read_threads == -1, "data.read_threads",
-       f"must be > 0, or -1 (by the worker count and the host's cores), got {config.data.read_threads}")
+  need(config.data.read_threads >= -1, "data.read_threads",
+       f"must be >= 0, or -1 (by the worker count and the host's cores), got {config.data.read_threads}")
   need(0 < config.data.train_fraction <= 1, "data.train_fraction", f"must be in (0, 1], got {config.data.train_fraction}")
   need(config.model.variant in models.IMAGE_TOWERS, "model.variant",
        f"unknown image tower {config.model.variant!r}; valid: {', '.join(models.IMAGE_TOWERS)}")
@@ -669,11 +669,15 @@ def make_extract(config, graphdef, state, mesh, workdir=None):
     ds = pipeline.eval_dataset(source, global_batch_size=batch_size, image_size=config.image_size, mesh=mesh,
                                read_threads=config.data.read_threads)
     parts = []
-    for batch in ds:
-      h, z = embed(state, batch["image"])
-      keep = gather(batch["valid"])
-      fields = {k: v for k, v in batch.items() if k not in ("image", "valid")}
-      parts.append({k: gather(v)[keep] for k, v in {"features": h, "projections": z, **fields}.items()})
+    batches = pipeline.Prefetch(iter(ds))  # the next batches are read and copied while the towers run
+    try:
+      for batch in batches:
+        h, z = embed(state, batch["image"])
+        keep = gather(batch["valid"])
+        fields = {k: v for k, v in batch.items() if k not in ("image", "valid")}
+        parts.append({k: gather(v)[keep] for k, v in {"features": h, "projections": z, **fields}.items()})
+    finally:
+      batches.close()
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   return extract

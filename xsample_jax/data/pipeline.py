@@ -226,8 +226,9 @@ class _BatchDataset(grain.IterDataset):
 
 
 class Prefetch:
-  """Assembles the next `size` batches of a `train_dataset` iterator (collation, global arrays, their copy to the
-  devices) in a background thread, so the training loop's next() takes a ready batch while the device runs a step.
+  """Assembles the next `size` batches of a `train_dataset` (or `eval_dataset`) iterator (reading, with no read
+  threads; collation, global arrays, their copy to the devices) in a background thread, so the loop's next() takes a
+  ready batch while the device runs a step.
 
   get_state() / metrics() are those of the last batch returned, not of the ones read ahead: a checkpoint refers to
   the batches the step consumed. An error of the pipeline (BadRecordError) or its end reaches next() in order.
@@ -385,34 +386,35 @@ def resolve_num_workers(num_workers: int) -> int:
 
 
 def default_read_threads(num_workers: int, cores: int | None = None) -> int:
-  """Read threads for `read_threads=-1`, given the resolved worker count: one in the training process of a host of
-  up to 4 cores, else 8 (in the training process, or in each worker).
+  """Read threads for `read_threads=-1`, given the resolved worker count: none in the training process of a host of
+  up to 4 cores (elements are read in the thread that asks for the batch: `Prefetch`'s), else 8 (in the training
+  process, or in each worker).
 
-  In the training process the threads share the GIL and the cores with the train step, and on a small host the
-  step already keeps every core busy, so what counts is the pipeline's CPU per image, not its parallelism: at the
-  smoke setting on 2 cores, reading alone, 8 threads spent 2.1 CPU-ms an image against 1.1 for one (the rest is the
-  GIL changing hands). Beside the step the difference shrinks to the noise (benchmarks/pipeline_bench.py, 3 runs
-  each: the fed step 1.16-1.27x the in-memory one with 8, 1.14-1.26x with 1). One thread still reads ahead while
-  the step runs.
+  In the training process threads share the GIL and the cores with the train step, and on a small host the step
+  already keeps every core busy, so what counts is the pipeline's CPU per image, not its parallelism: at the smoke
+  setting on 2 cores, reading alone, 8 threads spent 2.1 CPU-ms an image against 1.1 for one, and one grain thread
+  behind `Prefetch`'s spent more than `Prefetch`'s thread reading by itself (the fed smoke step 1.18-1.20x the
+  in-memory one against 1.19-1.21x, 4 alternating runs each; benchmarks/pipeline_bench.py).
   """
   cores = host_cores() if cores is None else cores
-  return 1 if num_workers == 0 and cores <= 4 else 8
+  return 0 if num_workers == 0 and cores <= 4 else 8
 
 
 def resolve_read_threads(read_threads: int, workers: int) -> int:
   """read_threads, or for -1 (auto) `default_read_threads` for `workers` (resolved: `resolve_num_workers`)."""
-  if read_threads == 0 or read_threads < -1:
-    raise ValueError(f"read_threads must be > 0, or -1 for the host's default; got {read_threads}")
+  if read_threads < -1:
+    raise ValueError(f"read_threads must be >= 0, or -1 for the host's default; got {read_threads}")
   return default_read_threads(workers) if read_threads == -1 else read_threads
 
 
 def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
   num_workers = resolve_num_workers(num_workers)
   read_threads = resolve_read_threads(read_threads, num_workers)
-  # Enough read-ahead for a batch and a half, so the threads (or each worker's threads) never starve.
+  # Enough read-ahead for a batch and a half, so the threads (or each worker's threads) never starve; with no
+  # threads, elements are read when asked for.
   per_worker = max(2, -(-3 * local_batch // (2 * max(1, num_workers))))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=max(read_threads, per_worker)))
+                                            prefetch_buffer_size=max(read_threads, per_worker) if read_threads else 0))
   if num_workers:
     if not flags.FLAGS.is_parsed():
       # grain's workers read absl flags; outside absl.app nobody parsed them, so take their defaults.
