@@ -38,6 +38,40 @@ def test_two_views_deterministic_for_a_seed_and_different_from_each_other():
     assert y.dtype == np.float32 and y.min() >= 0 and y.max() <= 1
 
 
+def _plain_jitter(x, rng, strength):
+  """color_jitter as plain NumPy expressions (fresh arrays, np.clip, np.mod), the draws in the same order."""
+  import cv2
+  b = c = s = 0.8 * strength
+  h = 0.2 * strength
+  luma = np.array([0.299, 0.587, 0.114], np.float32)
+  for op in rng.permutation(4):
+    if op == 0:
+      x = x * rng.uniform(max(0.0, 1 - b), 1 + b)
+    elif op == 1:
+      mean = (x @ luma).mean()
+      x = (x - mean) * rng.uniform(max(0.0, 1 - c), 1 + c) + mean
+    elif op == 2:
+      g = (x @ luma)[..., None]
+      x = (x - g) * rng.uniform(max(0.0, 1 - s), 1 + s) + g
+    else:
+      shift = rng.uniform(-h, h) * 360.0
+      hsv = cv2.cvtColor(np.clip(x, 0, 1), cv2.COLOR_RGB2HSV)
+      hsv[..., 0] = np.mod(hsv[..., 0] + shift, 360.0)
+      x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    x = np.clip(x, 0.0, 1.0)
+  return x
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0, 6.0])  # 6.0: hue shifts past a full turn take np.mod
+def test_in_place_color_jitter_gives_the_plain_expressions_pixels(strength):
+  for seed in range(40):
+    x = np.random.default_rng(seed).random((13, 17, 3), dtype=np.float32) * 1.2 - 0.1
+    before = x.copy()
+    got = augment.color_jitter(x, np.random.default_rng(seed), strength)
+    np.testing.assert_array_equal(got, _plain_jitter(x, np.random.default_rng(seed), strength))
+    np.testing.assert_array_equal(x, before)  # the caller's array is left alone
+
+
 def test_random_resized_crop_box_respects_scale_and_ratio():
   rng = np.random.default_rng(0)
   for _ in range(300):
