@@ -1,11 +1,16 @@
 """Does the train step wait for data? The trainer's step fed by the real input pipeline vs the same step on one
 in-memory batch, in one process.
 
-    python -m benchmarks.pipeline_bench                       # both cases, 3 rounds
+    python -m benchmarks.pipeline_bench                       # smoke and jpeg224, 3 rounds
     python -m benchmarks.pipeline_bench --cases smoke --rounds 5 --steps 10
+    python -m benchmarks.pipeline_bench --cases smoke smoke_in_ram smoke_geometric   # where the smoke ratio goes
 
 Cases:
   smoke:   configs/smoke.py as it is: the procedural default rendered at 48 px, two 32 px views, resnet_tiny, 64 images.
+  smoke_in_ram: the same, with every training image rendered into memory before timing, so the pipeline's work is
+           everything but the rendering (shuffle, two views, collation, the copy to the device);
+  smoke_geometric: smoke_in_ram without the colour jitter and grayscale (augment.jitter_prob and grayscale_prob 0):
+           crops and flips only. The two show what the rendering and the colour passes cost the fed step.
   jpeg224: configs/cc.py (data=cc3m, loss=xclr) on caption shards of 256 px JPEGs written here with the project's
            writer (benchmarks/input_bench._jpeg_shards), two 224 px views; --model and --batch (default ResNet-18,
            8 images: a few seconds a step on a 2-core CPU), float32 (bfloat16 is the TPU setting).
@@ -25,6 +30,7 @@ sum of waits / sum of pipeline step times (target <= 0.05), the `data_wait / ste
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -45,6 +51,30 @@ def smoke_case(args, tmp):
   return config, train.get_source(config, config.data.train, config.data.train_split)
 
 
+class InMemory:
+  """A source's elements, all read once up front (the pipeline's reads become dict copies)."""
+
+  def __init__(self, source):
+    self.elements = [source[i] for i in range(len(source))]
+
+  def __len__(self):
+    return len(self.elements)
+
+  def __getitem__(self, index):
+    return dict(self.elements[index])
+
+
+def smoke_in_ram_case(args, tmp):
+  config, source = smoke_case(args, tmp)
+  return config, InMemory(source)
+
+
+def smoke_geometric_case(args, tmp):
+  config, source = smoke_in_ram_case(args, tmp)
+  config.augment.jitter_prob = config.augment.grayscale_prob = 0.0
+  return config, source
+
+
 def jpeg224_case(args, tmp):
   config = cc.get_config("data=cc3m,loss=xclr")
   config.data.train = f"shards:{tmp}"
@@ -54,7 +84,8 @@ def jpeg224_case(args, tmp):
   return config, input_bench._jpeg_shards(tmp, args.records)
 
 
-CASES = {"smoke": smoke_case, "jpeg224": jpeg224_case}
+CASES = {"smoke": smoke_case, "smoke_in_ram": smoke_in_ram_case, "smoke_geometric": smoke_geometric_case,
+         "jpeg224": jpeg224_case}
 
 
 def _host_busy() -> tuple[float, float]:
@@ -75,6 +106,10 @@ def bench_case(name, args):
     config, source = CASES[name](args, tmp)
     if args.read_threads is not None:
       config.data.read_threads = args.read_threads
+    for setting in args.set:  # KEY=VALUE, the value in the type the config gives the key
+      key, _, value = setting.partition("=")
+      old = functools.reduce(lambda node, name: node[name], key.split("."), config)
+      config.update_from_flattened_dict({key: type(old)(value)})
     train.check_config(config)
     mesh = train.make_mesh(config)
     graphdef, _, shardings = train.abstract_state(config, mesh)
@@ -134,6 +169,8 @@ def bench_case(name, args):
             "source_records": len(source), "num_workers": config.data.num_workers,
             "workers_used": workers, "read_threads": config.data.read_threads,
             "read_threads_used": pipeline.resolve_read_threads(config.data.read_threads, workers),
+            "prefetch_nice": config.data.prefetch_nice, "procedural_keep_mb": config.data.procedural_keep_mb,
+            "settings": args.set,
             "devices": jax.device_count(),
             "cpus": pipeline.host_cores(), "rounds": args.rounds, "steps_per_phase": args.steps,
             "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),
@@ -151,7 +188,7 @@ def bench_case(name, args):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  ap.add_argument("--cases", nargs="+", default=["smoke", "jpeg224"], choices=list(CASES))
   ap.add_argument("--rounds", type=int, default=3, help="in-memory / pipeline phase pairs")
   ap.add_argument("--steps", type=int, default=10, help="timed steps per phase")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each phase")
@@ -159,6 +196,8 @@ def main():
   ap.add_argument("--batch", type=int, default=8, help="jpeg224: global images per step (two views each)")
   ap.add_argument("--records", type=int, default=512, help="jpeg224: JPEG records written")
   ap.add_argument("--read-threads", type=int, default=None, help="data.read_threads instead of the config's")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="a config setting for every case, e.g. data.prefetch_nice=0 or data.procedural_keep_mb=0")
   ap.add_argument("--note", default="", help="free text added to every line")
   args = ap.parse_args()
   for name in args.cases:

@@ -1,6 +1,8 @@
 """The grain pipelines: TFDS label source to a sharded global batch, process slicing, exact resume, bad records."""
 import json
 import logging
+import os
+import sys
 import time
 
 import jax
@@ -254,6 +256,21 @@ def test_prefetch_reads_ahead_but_its_state_is_the_last_batch_returned(procedura
   _assert_same(_take(ahead, 1), _take(plain, 1))
   for it in (plain, ahead, restored):
     it.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_prefetch_thread_runs_at_the_niceness_it_was_given(procedural):
+  def make(**kw):
+    return pipeline.Prefetch(iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=0,
+                                                          process_index=0, process_count=1)), **kw)
+  own = os.getpriority(os.PRIO_PROCESS, 0)
+  for kw, want in (({}, 19), ({"nice": 0}, own), ({"nice": 5}, max(own, 5))):
+    it = make(**kw)
+    next(it)  # the thread has set its priority before its first batch
+    assert os.getpriority(os.PRIO_PROCESS, it._thread.native_id) == want
+    it.close()
+  with pytest.raises(ValueError, match="prefetch nice must be in"):
+    pipeline.Prefetch(iter([]), nice=20)
 
 
 def test_prefetch_passes_errors_and_the_end_on_in_order(shards_with_bad_records):

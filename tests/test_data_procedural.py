@@ -1,5 +1,6 @@
 """The embedded procedural default: determinism, captions that describe the image, ImageNet-9-style splits, table."""
 import importlib.util
+import pickle
 
 import numpy as np
 import pytest
@@ -20,6 +21,27 @@ def test_deterministic_per_index_and_seed():
     a[10]
   with pytest.raises(ValueError, match="unknown split"):
     procedural.ProceduralSource("test")
+
+
+def test_kept_elements_are_the_rendered_ones_and_prerender_fills_them():
+  plain = procedural.ProceduralSource("train", 30, image_size=16, seed=3)
+  kept = procedural.ProceduralSource("train", 30, image_size=16, seed=3, keep_rendered=True)
+  first = kept[4]
+  assert kept[4]["image"] is first["image"] and not first["image"].flags.writeable  # kept, shared, read-only
+  kept[4]["label"] = -7  # every read gets a dict of its own
+  for i in (4, 0, 29):
+    a, b = plain[i], kept[i]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  kept.prerender(20).join()
+  assert sum(k is not None for k in kept._kept) == 21  # the first 20 and element 29
+  assert plain.prerender() is None  # nothing to keep them in
+  head = sources.Head(sources.procedural_source("train", 30, image_size=16, keep_rendered=True), 12)
+  head.prerender().join()
+  assert sum(k is not None for k in head.source.images._kept) == 12  # only the head
+  # A pickled copy (a grain worker's) keeps nothing and renders the same elements.
+  copy = pickle.loads(pickle.dumps(kept))
+  assert copy._kept is None and copy.prerender() is None
+  np.testing.assert_array_equal(copy[4]["image"], first["image"])
 
 
 def test_caption_names_the_factors_and_the_pixels_agree():

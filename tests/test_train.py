@@ -109,6 +109,8 @@ BAD_CONFIGS = [
     ({"data.train": "tfds:no_such_dataset"}, "config.data.train: 'tfds:no_such_dataset' cannot be read"),
     ({"data.num_workers": -2}, r"config.data.num_workers: must be >= 0 .* or -1 \(by the host's cores\), got -2"),
     ({"data.read_threads": -2}, "config.data.read_threads: must be >= 0, or -1"),
+    ({"data.prefetch_nice": 20}, r"config.data.prefetch_nice: must be a niceness in \[0, 19\], got 20"),
+    ({"data.procedural_keep_mb": -1}, "config.data.procedural_keep_mb: must be >= 0"),
 ]
 
 
@@ -118,6 +120,14 @@ def test_config_errors_name_the_key_and_leave_the_workdir_untouched(changes, mes
   with pytest.raises(train.ConfigError, match=message):
     train.train_and_evaluate(tiny_config(**changes), str(workdir))
   assert not workdir.exists()
+
+
+def test_the_procedural_training_split_is_kept_when_it_fits_the_budget():
+  config = tiny_config()  # 256 images of 24 px: 0.44 MB
+  kept = lambda split: train.get_source(config, "procedural", split).images._kept is not None  # noqa: E731
+  assert kept("train") and not kept("original")  # evaluation splits are read once
+  config.data.procedural_keep_mb = 0
+  assert not kept("train")
 
 
 def test_config_is_locked_and_typed():

@@ -72,6 +72,10 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
        f"{config.data.num_workers}")
   need(config.data.read_threads >= -1, "data.read_threads",
        f"must be >= 0, or -1 (by the worker count and the host's cores), got {config.data.read_threads}")
+  need(0 <= config.data.prefetch_nice <= 19, "data.prefetch_nice",
+       f"must be a niceness in [0, 19], got {config.data.prefetch_nice}")
+  need(config.data.procedural_keep_mb >= 0, "data.procedural_keep_mb",
+       f"must be >= 0 (MB; 0 keeps nothing), got {config.data.procedural_keep_mb}")
   need(0 < config.data.train_fraction <= 1, "data.train_fraction", f"must be in (0, 1], got {config.data.train_fraction}")
   need(config.model.variant in models.IMAGE_TOWERS, "model.variant",
        f"unknown image tower {config.model.variant!r}; valid: {', '.join(models.IMAGE_TOWERS)}")
@@ -165,8 +169,11 @@ def get_source(config, spec: str, split: str, workdir: epath.Path | None = None)
   if kind == "procedural":  # the training split gets data.procedural_examples, the others a tenth (>= 1000)
     train = split == "train"
     num = config.data.procedural_examples if train else max(config.data.procedural_examples // 10, 1000)
-    return sources.get_source(spec, split, num_examples=num, image_size=config.data.procedural_image_size,
-                              seed=config.seed if train else config.seed + 1)
+    size = config.data.procedural_image_size
+    # The training split is read every epoch: kept in memory once rendered when it fits data.procedural_keep_mb.
+    keep = train and num * size * size * 3 <= config.data.procedural_keep_mb * 2**20
+    return sources.get_source(spec, split, num_examples=num, image_size=size,
+                              seed=config.seed if train else config.seed + 1, keep_rendered=keep)
   if kind in ("tfds", "folder"):
     cache = config.data.cache_dir
     if cache is None and config.data.data_dir is None and workdir is not None:
@@ -224,7 +231,10 @@ def train_iterator(config, source, mesh, start_batch: int = 0, state: dict | Non
   it = iter(ds)
   if state is not None:  # before the read-ahead starts, so nothing is read twice
     it.set_state(state)
-  return pipeline.Prefetch(it)
+  prerender = getattr(source, "prerender", None)
+  if prerender is not None:  # a procedural training set kept in memory: rendered while XLA compiles the step
+    prerender()
+  return pipeline.Prefetch(it, nice=config.data.prefetch_nice)
 
 
 class _DataState:
@@ -669,7 +679,8 @@ def make_extract(config, graphdef, state, mesh, workdir=None):
     ds = pipeline.eval_dataset(source, global_batch_size=batch_size, image_size=config.image_size, mesh=mesh,
                                read_threads=config.data.read_threads)
     parts = []
-    batches = pipeline.Prefetch(iter(ds))  # the next batches are read and copied while the towers run
+    # The next batches are read and copied while the towers run.
+    batches = pipeline.Prefetch(iter(ds), nice=config.data.prefetch_nice)
     try:
       for batch in batches:
         h, z = embed(state, batch["image"])

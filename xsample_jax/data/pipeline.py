@@ -46,6 +46,7 @@ import functools
 import logging
 import os
 import queue
+import sys
 import threading
 from typing import Any, Callable
 
@@ -232,12 +233,20 @@ class Prefetch:
 
   get_state() / metrics() are those of the last batch returned, not of the ones read ahead: a checkpoint refers to
   the batches the step consumed. An error of the pipeline (BadRecordError) or its end reaches next() in order.
+
+  nice: the thread's niceness on Linux (0: the process's own). At 19 it runs on the cores the step leaves idle
+  rather than taking turns with XLA's threads mid-op: on 2 cores, beside the smoke step, the fed step measured
+  1.03-1.05x the in-memory one against 1.07-1.08x at 0, with 0.1-0.3% of it waiting for data. It needs the
+  pipeline's CPU per step to fit in the step's idle time; where it does not (a CPU host whose step keeps every core
+  busy), the step waits for data instead, as the trainer's data_wait metric shows.
   """
 
-  def __init__(self, it: _BatchIterator, size: int = 2):
+  def __init__(self, it: _BatchIterator, size: int = 2, nice: int = 19):
     if size < 1:
       raise ValueError(f"prefetch size must be >= 1, got {size}")
-    self._it, self._size = it, size
+    if not 0 <= nice <= 19:
+      raise ValueError(f"prefetch nice must be in [0, 19], got {nice}")
+    self._it, self._size, self._nice = it, size, nice
     self._state, self._metrics, self._skipped = it.get_state(), it.metrics(), it.skipped
     self._start()
 
@@ -247,6 +256,11 @@ class Prefetch:
     self._thread.start()
 
   def _fill(self):
+    if self._nice and sys.platform.startswith("linux"):  # elsewhere a thread id is not a setpriority target
+      try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+      except OSError as e:  # a sandbox that forbids it: the thread keeps the process's priority
+        logging.warning("could not lower the prefetch thread's priority: %s", e)
     try:
       while not self._stop.is_set():
         batch = next(self._it)

@@ -505,6 +505,9 @@ class ProceduralCaptionSource:
     ex["caption_emb"] = self.table[ex["caption_id"]]
     return ex
 
+  def prerender(self, count: int | None = None):
+    return self.images.prerender(count)
+
   def __repr__(self) -> str:
     return f"ProceduralCaptionSource({self.images!r})"
 
@@ -523,10 +526,11 @@ def procedural_caption_table(embed_fn: EmbedFn | None = None) -> np.ndarray:
 
 
 def procedural_source(split: str = "train", num_examples: int = 50_000, *, image_size: int = 64, seed: int = 0,
-                      bg_correlation: float = 0.8, embed_fn: EmbedFn | None = None) -> ProceduralCaptionSource:
+                      bg_correlation: float = 0.8, keep_rendered: bool = False,
+                      embed_fn: EmbedFn | None = None) -> ProceduralCaptionSource:
   """The embedded default dataset (see procedural.py) with caption embeddings; needs no download, no weights."""
   images = procedural.ProceduralSource(split, num_examples, image_size=image_size, seed=seed,
-                                       bg_correlation=bg_correlation)
+                                       bg_correlation=bg_correlation, keep_rendered=keep_rendered)
   return ProceduralCaptionSource(images, procedural_caption_table(embed_fn))
 
 
@@ -551,6 +555,11 @@ class Head:
       raise IndexError(f"index {index} out of range for the first {self.n} elements of {self.source!r}")
     return self.source[index]
 
+  def prerender(self, count: int | None = None):
+    """The source's `prerender` of (at most) this head, where it has one."""
+    prerender = getattr(self.source, "prerender", None)
+    return None if prerender is None else prerender(self.n if count is None else min(count, self.n))
+
   def __repr__(self) -> str:
     return f"Head({self.source!r}, n={self.n})"
 
@@ -570,7 +579,8 @@ def get_source(spec: str, split: str, *, embed_fn: EmbedFn | None = None, data_d
   """A source from a config string: "procedural", "tfds:NAME" (e.g. tfds:cifar10), "shards:DIR" or "folder:DIR".
 
   split: the procedural split / TFDS split; for shards and folders, a subdirectory DIR/split if it exists, else DIR
-  itself. kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation), `tfds_label_source`
+  itself. kwargs go to `procedural_source` (num_examples, image_size, seed, bg_correlation, keep_rendered),
+  `tfds_label_source`
   (template, class_names, cache_dir, unlabelled), `folder_source` (template, class_names, cache_dir) or
   `CaptionShardSource` (allow_incomplete). Label sources cache their class caption table in
   cache_dir, by default DATA_DIR/xsample_caption_emb when data_dir is given.
