@@ -25,7 +25,9 @@ Per case, the step (`train.make_train_step`) runs in alternating phases, --round
              step is timed on its own (the loop itself syncs only at log steps, which can only hide more).
 Each phase runs --warmup untimed steps (the switch: read-ahead refills, caches settle), then --steps timed ones. One
 JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05) and the data-wait fraction,
-sum of waits / sum of pipeline step times (target <= 0.05), the `data_wait / step_time` the trainer logs.
+sum of waits / sum of pipeline step times (target <= 0.05), the `data_wait / step_time` the trainer logs. Like the
+trainer's entry point, the benchmark restarts itself with glibc's malloc on transparent huge pages
+(`cli.use_huge_pages`; XSAMPLE_HUGE_PAGES=0 turns it off).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import jax
 
 from benchmarks import input_bench
 from configs import cc, smoke
-from xsample_jax import train
+from xsample_jax import cli, train
 from xsample_jax.data import pipeline
 
 
@@ -170,7 +172,7 @@ def bench_case(name, args):
             "workers_used": workers, "read_threads": config.data.read_threads,
             "read_threads_used": pipeline.resolve_read_threads(config.data.read_threads, workers),
             "prefetch_nice": config.data.prefetch_nice, "procedural_keep_mb": config.data.procedural_keep_mb,
-            "settings": args.set,
+            "settings": args.set, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "devices": jax.device_count(),
             "cpus": pipeline.host_cores(), "rounds": args.rounds, "steps_per_phase": args.steps,
             "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),
@@ -208,4 +210,5 @@ def main():
 
 
 if __name__ == "__main__":
+  cli.use_huge_pages()  # as the trainer's entry point runs
   main()

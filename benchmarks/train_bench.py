@@ -16,7 +16,9 @@ cross-entropy, mean over rows; tau = tau_s = 0.1), and SGD with momentum 0.9 (we
 JAX side: the trainer's own pieces (`train.make_train_step` with `make_loss_fn`, config from `configs.common.base`),
 one CPU device (mesh.data = 1). PyTorch side (optional dependency of this benchmark only: torch CPU, no
 torchvision): the models are written here; `torch.set_num_threads(os.cpu_count())`, channels-last for the ResNet
-(--torch-layout). If torch is not installed, a line says so and JAX is still reported.
+(--torch-layout). If torch is not installed, a line says so and JAX is still reported. The process restarts itself
+with glibc's malloc on transparent huge pages, as the trainer's entry point does (`cli.use_huge_pages`;
+XSAMPLE_HUGE_PAGES=0 turns it off), so both frameworks run with it; each line records `glibc_tunables`.
 
 Steps are timed interleaved (one JAX step, one torch step, ...) in this one process after a warm-up (compile) step;
 medians of --steps. One JSON line per (model, framework), then a summary line per model with jax / torch images/s.
@@ -38,6 +40,7 @@ import os
 import time
 
 from benchmarks.timing import compiled_flops, interleaved_medians, peak_tflops
+from xsample_jax import cli
 
 MODELS = ("resnet18", "vit_s16", "vit_b16")
 TORCH_VIT = {"vit_s16": dict(width=384, heads=6, mlp=1536), "vit_b16": dict(width=768, heads=12, mlp=3072)}
@@ -268,7 +271,7 @@ def bench_model(model, args, torch_ok, note):
   images = args.batch_size  # images per step (each as 2 views)
   common = dict(bench="train_step", model=model, image_size=args.image_size, batch_size=args.batch_size,
                 rows=2 * args.batch_size, steps=args.steps, switch_warmup=args.switch_warmup,
-                cpu_count=os.cpu_count())
+                cpu_count=os.cpu_count(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   if note:
     common["note"] = note
   import jax
@@ -340,4 +343,5 @@ def main():
 
 
 if __name__ == "__main__":
+  cli.use_huge_pages()  # as the trainer's entry point runs
   main()

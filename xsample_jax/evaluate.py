@@ -116,4 +116,6 @@ def main():
 
 
 if __name__ == "__main__":
+  from xsample_jax import cli
+  cli.use_huge_pages()
   main()

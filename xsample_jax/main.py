@@ -49,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.use_huge_pages()
   app.run(main, flags_parser=cli.parse_flags)
