@@ -11,7 +11,7 @@ import traceback
 from absl import flags
 from absl import logging as absl_logging
 
-# glibc's malloc asks the kernel for transparent huge pages (2 MB) on what it maps (glibc >= 2.35; older ones ignore it).
+# glibc's malloc asks the kernel for transparent huge pages (2 MB) on what it maps (glibc >= 2.35; older ignore it).
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -50,7 +50,6 @@ def use_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
-
 
 
 def parse_flags(argv):

@@ -236,9 +236,9 @@ class Prefetch:
 
   nice: the thread's niceness on Linux (0: the process's own). At 19 it runs on the cores the step leaves idle
   rather than taking turns with XLA's threads mid-op: on 2 cores, beside the smoke step, the fed step measured
-  1.01-1.04x the in-memory one (5 runs) against 1.07-1.08x at 0 (4 runs), with 0.1-0.6% of it waiting for data. It needs the
-  pipeline's CPU per step to fit in the step's idle time; where it does not (a CPU host whose step keeps every core
-  busy), the step waits for data instead, as the trainer's data_wait metric shows.
+  1.01-1.04x the in-memory one (5 runs) against 1.07-1.08x at 0 (4 runs), with 0.1-0.6% of it waiting for data.
+  It needs the pipeline's CPU per step to fit in the step's idle time; where it does not (a CPU host whose step
+  keeps every core busy), the step waits for data instead, as the trainer's data_wait metric shows.
   """
 
   def __init__(self, it: _BatchIterator, size: int = 2, nice: int = 19):

@@ -202,8 +202,9 @@ class ProceduralSource:
   def _render(self, index: int) -> tuple[np.ndarray, dict]:
     rng = np.random.default_rng([self.seed, self._split_key, index])
     f = sample_factors(rng, self.split, self.bg_correlation)
-    return render(f, self.image_size, rng), {"caption_id": caption_id(f), "caption": caption_of(f), "label": f["shape"],
-                   "attribute": f["colour"], "background": f["background"]}
+    fields = {"caption_id": caption_id(f), "caption": caption_of(f), "label": f["shape"], "attribute": f["colour"],
+              "background": f["background"]}
+    return render(f, self.image_size, rng), fields
 
   def prerender(self, count: int | None = None) -> threading.Thread | None:
     """Render the first `count` elements (all by default) not yet kept, in a daemon thread; None without
