@@ -679,8 +679,9 @@ def make_extract(config, graphdef, state, mesh, workdir=None):
     ds = pipeline.eval_dataset(source, global_batch_size=batch_size, image_size=config.image_size, mesh=mesh,
                                read_threads=config.data.read_threads)
     parts = []
-    # The next batches are read and copied while the towers run.
-    batches = pipeline.Prefetch(iter(ds), nice=config.data.prefetch_nice)
+    # The next batches are read and copied while the towers run; at the process's own priority, since this loop syncs
+    # on every batch (2048 smoke images: 0.74-0.84 s against 0.81-0.94 s at nice 19).
+    batches = pipeline.Prefetch(iter(ds), nice=0)
     try:
       for batch in batches:
         h, z = embed(state, batch["image"])
