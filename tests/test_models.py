@@ -195,6 +195,33 @@ def test_attention_matches_numpy(causal):
   np.testing.assert_allclose(got, np_attention(x, p, 4, mask, causal), atol=1e-5)
 
 
+def test_gelu_and_its_gradient_match_float64():
+  x = np.concatenate([np.linspace(-9, 9, 721), np.random.default_rng(0).normal(size=1000) * 3])
+  erf = np.vectorize(math.erf)
+  cdf, pdf = 0.5 * (1 + erf(x / math.sqrt(2))), np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+  xf = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(transformer.gelu(xf), x * cdf, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(transformer.gelu))(xf), cdf + x * pdf, rtol=1e-5, atol=1e-6)
+  # The same function and gradient as JAX's exact GELU (an erfc form with an autodiff gradient).
+  np.testing.assert_allclose(transformer.gelu(xf), jax.nn.gelu(xf, approximate=False), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(transformer.gelu))(xf),
+                             jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(xf), atol=1e-6)
+  xb = xf.astype(jnp.bfloat16)
+  assert transformer.gelu(xb).dtype == jax.grad(lambda v: transformer.gelu(v).sum())(xb).dtype == jnp.bfloat16
+
+
+def test_dense_on_rows_equals_linear_on_a_3d_input():
+  dense = transformer.Dense(6, 5, rngs=nnx.Rngs(0))
+  dense.bias[...] = jnp.arange(5.0)
+  linear = nnx.Linear(6, 5, rngs=nnx.Rngs(1))
+  nnx.update(linear, nnx.state(dense))
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 6)), jnp.float32)
+  ct = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 5)), jnp.float32)
+  grads = [nnx.grad(lambda m, x: jnp.vdot(m(x), ct), argnums=(0, 1))(m, x) for m in (dense, linear)]
+  np.testing.assert_allclose(dense(x), linear(x), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
 def test_sincos_posemb_formula():
   emb = vit.sincos_2d(3, 5, 8)
   assert emb.shape == (15, 8)

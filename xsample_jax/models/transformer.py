@@ -4,11 +4,51 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax import lax
 
 from xsample_jax.models.partitioning import axes
 
 _dense_init = nnx.initializers.xavier_uniform()
+
+
+class Dense(nnx.Linear):
+  """nnx.Linear applied to rows: the leading dims are flattened first, so the kernel gradient is one 2-D
+  `rows^T @ grad` matmul. On a [B, T, D] input XLA:CPU compiles that gradient with transposing copies around a
+  slower contraction: flattening took the ViT-S/16 train step from 3.24 to 2.86 s on a 2-core host. Same params."""
+
+  def __call__(self, x):
+    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+_SQRT_HALF = float(np.sqrt(0.5))  # Python floats: weakly typed, so bfloat16 activations stay bfloat16
+_INV_SQRT_2PI = float(1 / np.sqrt(2 * np.pi))
+
+
+@jax.custom_vjp
+def gelu(x):
+  """Exact GELU, x * Phi(x), in the erf form (as PyTorch's): the same function as
+  `jax.nn.gelu(approximate=False)`, whose erfc form and autodiff gradient cost XLA:CPU more passes (the ViT-S/16
+  step 2.86 -> 2.72 s). The gradient Phi(x) + x * phi(x) is recomputed from x: nothing else is kept."""
+  return x * _cdf(x)
+
+
+def _cdf(x):
+  return 0.5 * (1 + lax.erf(x * _SQRT_HALF))
+
+
+def _gelu_fwd(x):
+  return x * _cdf(x), x
+
+
+def _gelu_bwd(x, g):
+  return (g * (_cdf(x) + x * _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +66,7 @@ class SelfAttention(nnx.Module):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
-    proj = lambda k_axes, b_axes: nnx.Linear(width, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
+    proj = lambda k_axes, b_axes: Dense(width, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
                                              kernel_metadata=axes(*k_axes), bias_metadata=axes(*b_axes))
     self.query = proj(("embed", "heads"), ("heads",))
     self.key = proj(("embed", "heads"), ("heads",))
@@ -46,13 +86,13 @@ class SelfAttention(nnx.Module):
 
 class MlpBlock(nnx.Module):
   def __init__(self, width: int, mlp_dim: int, *, dtype=None, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(width, mlp_dim, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
+    self.fc1 = Dense(width, mlp_dim, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
                           kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
-    self.fc2 = nnx.Linear(mlp_dim, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
+    self.fc2 = Dense(mlp_dim, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
                           kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"))
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(gelu(self.fc1(x)))
 
 
 def layer_norm(width: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.LayerNorm:
