@@ -67,7 +67,7 @@ class SelfAttention(nnx.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     proj = lambda k_axes, b_axes: Dense(width, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
-                                             kernel_metadata=axes(*k_axes), bias_metadata=axes(*b_axes))
+                                        kernel_metadata=axes(*k_axes), bias_metadata=axes(*b_axes))
     self.query = proj(("embed", "heads"), ("heads",))
     self.key = proj(("embed", "heads"), ("heads",))
     self.value = proj(("embed", "heads"), ("heads",))
@@ -87,9 +87,9 @@ class SelfAttention(nnx.Module):
 class MlpBlock(nnx.Module):
   def __init__(self, width: int, mlp_dim: int, *, dtype=None, rngs: nnx.Rngs):
     self.fc1 = Dense(width, mlp_dim, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
-                          kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
+                     kernel_metadata=axes("embed", "mlp"), bias_metadata=axes("mlp"))
     self.fc2 = Dense(mlp_dim, width, kernel_init=_dense_init, dtype=dtype, rngs=rngs,
-                          kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"))
+                     kernel_metadata=axes("mlp", "embed"), bias_metadata=axes("embed"))
 
   def __call__(self, x):
     return self.fc2(gelu(self.fc1(x)))
