@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -24,8 +24,8 @@ class Dense(nnx.Linear):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-_SQRT_HALF = float(np.sqrt(0.5))  # Python floats: weakly typed, so bfloat16 activations stay bfloat16
-_INV_SQRT_2PI = float(1 / np.sqrt(2 * np.pi))
+_SQRT_HALF = math.sqrt(0.5)  # Python floats: weakly typed, so bfloat16 activations stay bfloat16
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
 
 @jax.custom_vjp
