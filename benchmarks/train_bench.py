@@ -3,6 +3,7 @@
     python -m benchmarks.train_bench                              # resnet18, 5 timed steps per framework
     python -m benchmarks.train_bench --models resnet18 vit_s16 --steps 5
     python -m benchmarks.train_bench --no-torch                   # JAX only
+    python -m benchmarks.train_bench --models resnet18 vit_s16 --cpu-matmuls auto ynnpack  # XLA:CPU kernels A/B
     python -m benchmarks.train_bench --models vit_b16 --no-torch --dtype bfloat16 --image-size 224 --batch-size 256
                                                                   # on a GPU/TPU: MFU of the ViT-B/16 step
 
@@ -22,6 +23,10 @@ XSAMPLE_HUGE_PAGES=0 turns it off), so both frameworks run with it; each line re
 
 Steps are timed interleaved (one JAX step, one torch step, ...) in this one process after a warm-up (compile) step;
 medians of --steps. One JSON line per (model, framework), then a summary line per model with jax / torch images/s.
+
+`--cpu-matmuls` sets the JAX step's config.cpu_matmuls (XLA:CPU's kernels for dots and convolutions, see
+`train.compiler_options`); with several settings each gets its own JAX step and line, all timed interleaved with
+the torch step, and the summary's JAX figures are the first setting's, with the others by name.
 
 The JAX line carries `step_flops` (XLA's count for the compiled step: towers, loss, optimizer), the achieved
 `tflop_per_s` and, on a chip in `timing.PEAK_BF16_TFLOPS` (or with --peak-tflops), `mfu`: achieved / peak.
@@ -65,7 +70,7 @@ def make_batch(args):
 # JAX: the trainer's step.
 
 
-def jax_step(model, args, np_batch):
+def jax_step(model, args, np_batch, cpu_matmuls="auto"):
   """A no-arg fn running one trainer step (state carried across calls), and its first-call (compile) seconds."""
   import jax
 
@@ -84,6 +89,7 @@ def jax_step(model, args, np_batch):
   c.loss.graph = "caption"
   c.loss.impl = "dense"
   c.mesh.data = 1
+  c.cpu_matmuls = cpu_matmuls
   mesh = train.make_mesh(c)
   graphdef, _, shardings = train.abstract_state(c, mesh)
   state = train.init_state(c, shardings)
@@ -240,8 +246,9 @@ def torch_step(model, args, np_batch, head):
   return run, time.perf_counter() - t0, loss, ("channels_last" if channels_last else "nchw")
 
 
-def matmul_chain(args):
-  """(jax_fn, torch_fn) running ViT-S/16's projection matmuls, forward and backward, with nothing around them."""
+def matmul_chain(args, compiler_options):
+  """(jax_fn, torch_fn) running ViT-S/16's projection matmuls, forward and backward, with nothing around them;
+  the JAX one compiled with the train step's compiler_options."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -259,7 +266,7 @@ def matmul_chain(args):
       x = x + (x @ w_1) @ w_2
     return (x * x).sum()
 
-  grad = jax.jit(jax.grad(chain, argnums=(0, 1)))
+  grad = jax.jit(jax.grad(chain, argnums=(0, 1)), compiler_options=compiler_options)
   j_ws, j_x = jax.tree.map(jnp.asarray, ws), jnp.asarray(x)
   t_ws = [[torch.tensor(w, requires_grad=True) for w in layer] for layer in ws]
   t_x = torch.tensor(x, requires_grad=True)
@@ -275,12 +282,18 @@ def bench_model(model, args, torch_ok, note):
   if note:
     common["note"] = note
   import jax
-  j_run, j_compile, j_loss, head, flops = jax_step(model, args, np_batch)
+
+  from xsample_jax import train
   device = jax.devices()[0]
   peak = peak_tflops(device, args.dtype, args.peak_tflops)
-  fns, extra = [j_run], [dict(framework="jax", backend=device.platform, device_kind=device.device_kind,
-                              dtype=args.dtype, first_step_s=round(j_compile, 2), first_loss=round(j_loss, 4),
-                              step_flops=flops, peak_tflops=peak)]
+  fns, extra = [], []
+  for setting in args.cpu_matmuls:  # one JAX step per setting, all timed interleaved with torch
+    j_run, j_compile, j_loss, head, flops = jax_step(model, args, np_batch, setting)
+    fns.append(j_run)
+    extra.append(dict(framework="jax", backend=device.platform, device_kind=device.device_kind, dtype=args.dtype,
+                      cpu_matmuls=setting, compiler_options=train.compiler_options(setting),
+                      first_step_s=round(j_compile, 2), first_loss=round(j_loss, 4), step_flops=flops,
+                      peak_tflops=peak))
   if torch_ok:
     import torch
     t_run, t_first, t_loss, layout = torch_step(model, args, np_batch, head)
@@ -297,11 +310,18 @@ def bench_model(model, args, torch_ok, note):
         ex["mfu"] = round(ex["tflop_per_s"] / ex["peak_tflops"], 4)
     print(json.dumps(dict(common, **ex, head=list(head), median_s=round(med, 4),
                           images_per_s=round(images / med, 2))), flush=True)
-  summary = dict(common, bench="train_step_summary", jax_images_per_s=round(rates[0], 2))
+  n = len(args.cpu_matmuls)  # the summary's JAX figures are the first setting's; the others follow by name
+  summary = dict(common, bench="train_step_summary", cpu_matmuls=args.cpu_matmuls[0],
+                 jax_images_per_s=round(rates[0], 2))
+  if n > 1:
+    summary["jax_images_per_s_by_cpu_matmuls"] = {k: round(r, 2) for k, r in zip(args.cpu_matmuls, rates)}
   if torch_ok:
-    summary.update(torch_images_per_s=round(rates[1], 2), jax_over_torch=round(rates[0] / rates[1], 3))
+    summary.update(torch_images_per_s=round(rates[n], 2), jax_over_torch=round(rates[0] / rates[n], 3))
+    if n > 1:
+      summary["jax_over_torch_by_cpu_matmuls"] = {k: round(r / rates[n], 3) for k, r in zip(args.cpu_matmuls, rates)}
     if model == "vit_s16":
-      jax_s, torch_s = interleaved_medians(matmul_chain(args), args.steps, args.switch_warmup)
+      chain = matmul_chain(args, train.compiler_options(args.cpu_matmuls[0]))
+      jax_s, torch_s = interleaved_medians(chain, args.steps, args.switch_warmup)
       summary.update(matmul_chain_jax_s=round(jax_s, 4), matmul_chain_torch_s=round(torch_s, 4),
                      matmul_chain_jax_over_torch=round(torch_s / jax_s, 3))
   else:
@@ -324,6 +344,8 @@ def main():
                   help="the chip's dense matmul peak, for MFU (default: a table of known accelerators by device kind)")
   ap.add_argument("--switch-warmup", type=int, default=1,
                   help="untimed steps of a framework at each of its turns, before the timed one")
+  ap.add_argument("--cpu-matmuls", nargs="+", default=["auto"], choices=("auto", "eigen", "ynnpack"),
+                  help="config.cpu_matmuls of the JAX step; several: one JAX step each, timed interleaved")
   ap.add_argument("--note", default="", help="free text added to every line (e.g. machine shared with a CI run)")
   args = ap.parse_args()
   torch_ok = False

@@ -3,6 +3,7 @@
 The end-to-end runs through the entry point (determinism, SIGTERM / kill -9 and resume) are in test_train_e2e.py.
 """
 import json
+import re
 import shutil
 
 import jax
@@ -111,6 +112,7 @@ BAD_CONFIGS = [
     ({"data.read_threads": -2}, "config.data.read_threads: must be >= 0, or -1"),
     ({"data.prefetch_nice": 20}, r"config.data.prefetch_nice: must be a niceness in \[0, 19\], got 20"),
     ({"data.procedural_keep_mb": -1}, "config.data.procedural_keep_mb: must be >= 0"),
+    ({"cpu_matmuls": "mkl"}, "config.cpu_matmuls: unknown 'mkl'; valid: auto, eigen, ynnpack"),
 ]
 
 
@@ -120,6 +122,46 @@ def test_config_errors_name_the_key_and_leave_the_workdir_untouched(changes, mes
   with pytest.raises(train.ConfigError, match=message):
     train.train_and_evaluate(tiny_config(**changes), str(workdir))
   assert not workdir.exists()
+
+
+AVX2_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 avx fma avx2 bmi2\n"
+AVX512_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse sse2 avx avx2 avx512f avx512bw\n"
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha2 crc32 atomics\nCPU implementer\t: 0x41\n"
+
+
+def test_cpu_matmuls_choose_xla_cpus_kernels_by_host():
+  eigen = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+  assert [train.x86_avx512(t) for t in (AVX2_CPUINFO, AVX512_CPUINFO, ARM_CPUINFO, "")] == [False, True, None, None]
+  assert train.compiler_options("auto", "cpu", AVX2_CPUINFO) == eigen
+  assert train.compiler_options("auto", "cpu", AVX512_CPUINFO) is None  # XLA's own choice
+  assert train.compiler_options("auto", "cpu", ARM_CPUINFO) is None
+  assert train.compiler_options("eigen", "cpu", AVX512_CPUINFO) == eigen
+  assert train.compiler_options("ynnpack", "cpu", AVX2_CPUINFO) is None
+  assert train.compiler_options("eigen", "gpu") is None and train.compiler_options("auto", "tpu") is None
+
+
+def test_cpu_matmuls_reach_xla_and_leave_the_step_unchanged():
+  """'eigen' compiles the step with no dot or convolution in a YNNPACK fusion, 'ynnpack' with some, and both
+  compute the same step on 8 devices."""
+  config = tiny_config(**{"optimizer.name": "sgd", "optimizer.lr": 0.1, "optimizer.warmup_steps": 0})
+  batch = host_batch(config)
+  out = {}
+  for setting in ("eigen", "ynnpack"):
+    config.cpu_matmuls = setting
+    mesh = train.make_mesh(config)
+    graphdef, _, shardings = train.abstract_state(config, mesh)
+    state = train.init_state(config, shardings)
+    step = train.make_train_step(config, graphdef, shardings, mesh, train.make_loss_fn(config, mesh, None))
+    placed = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+    hlo = step.lower(state, placed).compile().as_text()
+    ynn = set(re.findall(r"calls=(%[\w.\-]+),[^\n]*__ynn_fusion", hlo))
+    ynn_bodies = [c for c in hlo.split("\n\n") if c.split(" ", 1)[0] in ynn]
+    out[setting] = (sum(" dot(" in c or " convolution(" in c for c in ynn_bodies), jax.device_get(step(state, placed)))
+  assert out["eigen"][0] == 0 and out["ynnpack"][0] > 0, (out["eigen"][0], out["ynnpack"][0])
+  (eigen_state, eigen_metrics), (ynn_state, ynn_metrics) = out["eigen"][1], out["ynnpack"][1]
+  np.testing.assert_allclose(eigen_metrics["loss"], ynn_metrics["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(eigen_state), jax.tree.leaves(ynn_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_the_procedural_training_split_is_kept_when_it_fits_the_budget():

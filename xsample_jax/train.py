@@ -43,6 +43,7 @@ TEXT_LOSSES = ("clip", "siglip", "xclr_cross_modal")  # need a text tower fed wi
 OPTIMIZERS = ("lars", "adamw", "sgd")
 GRAPHS = ("auto", "caption", "class")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CPU_MATMULS = ("auto", "eigen", "ynnpack")
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
   need(len(config.model.head) > 0 and min(config.model.head) > 0, "model.head",
        f"must be positive widths, got {config.model.head}")
   need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}")
+  need(config.cpu_matmuls in CPU_MATMULS, "cpu_matmuls",
+       f"unknown {config.cpu_matmuls!r}; valid: {', '.join(CPU_MATMULS)}")
   need(config.loss.name in LOSSES, "loss.name", f"unknown loss {config.loss.name!r}; valid: {', '.join(LOSSES)}")
   if config.loss.name in TEXT_LOSSES:
     need(config.model.text in models.TEXT_TOWERS, "model.text",
@@ -413,6 +416,41 @@ def make_loss_fn(config, mesh, table: jax.Array | None):
   return loss_fn
 
 
+# jax 0.10's XLA:CPU hands dots, convolutions and reductions to YNNPACK. On an AVX2 host (AMD EPYC, Zen 3, 2 cores)
+# its float32 convolutions ran forward+backward at 30-95 GFLOP/s against 135-160 in Eigen (ResNet-18's 3x3 convs at
+# 64 px), and its matmuls were slower too: the X-CLR step took 2.20 against 2.71 s for ResNet-18 and 3.99 against
+# 4.57 s for ViT-S/16 with dots and convolutions in Eigen (benchmarks/train_bench.py --cpu-matmuls). Reductions
+# (BatchNorm's statistics) stay YNNPACK's, which is faster there. On an earlier AVX-512 host YNNPACK's matmuls
+# measured faster than Eigen's (280 against 230 GFLOP/s), so 'auto' leaves XLA's choice alone on such hosts.
+_YNN_ONLY_REDUCTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def x86_avx512(cpuinfo: str | None) -> bool | None:
+  """Whether the CPU described by /proc/cpuinfo's text has AVX-512 (avx512f); None if it is not an x86 text."""
+  flags = next((line.split(":", 1)[1].split() for line in (cpuinfo or "").splitlines() if line.startswith("flags")),
+               None)
+  return None if flags is None or "sse2" not in flags else "avx512f" in flags
+
+
+def compiler_options(cpu_matmuls: str, backend: str | None = None, cpuinfo: str | None = None) -> dict | None:
+  """`jax.jit`'s compiler_options for the model's jits (the train step, feature extraction): config.cpu_matmuls.
+
+  'eigen': XLA:CPU's Eigen kernels for dots and convolutions, YNNPACK only for reductions. 'ynnpack': XLA's own
+  default. 'auto': 'eigen' on an x86 CPU without AVX-512, XLA's default on any other. None off CPU.
+  """
+  if (backend or jax.default_backend()) != "cpu" or cpu_matmuls == "ynnpack":
+    return None
+  if cpu_matmuls == "auto":
+    if cpuinfo is None:
+      try:
+        cpuinfo = epath.Path("/proc/cpuinfo").read_text()
+      except OSError:
+        return None
+    if x86_avx512(cpuinfo) is not False:
+      return None
+  return dict(_YNN_ONLY_REDUCTIONS)
+
+
 def make_train_step(config, graphdef, shardings, mesh, loss_fn):
   schedule = learning_rate(config)
 
@@ -440,7 +478,8 @@ def make_train_step(config, graphdef, shardings, mesh, loss_fn):
                "nonfinite_steps": ts.nonfinite_steps[...]}
     return nnx.state(ts), metrics
 
-  return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
+  return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)),
+                 compiler_options=compiler_options(config.cpu_matmuls))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -652,14 +691,15 @@ class MetricWriter:
 
 
 @functools.lru_cache(maxsize=4)
-def embed_fn(graphdef, mesh):
+def embed_fn(graphdef, mesh, cpu_matmuls="auto"):
   """(state, images uint8) -> (backbone features, projections), BatchNorm on its running averages. Cached, so
   every evaluation round of a run reuses one compiled function."""
   def embed(state, images):
     encoder = nnx.view(nnx.merge(graphdef, state).model.image, use_running_average=True)
     h, z = encoder(augment.normalize(images))
     return h.astype(jnp.float32), z.astype(jnp.float32)
-  return jax.jit(embed, out_shardings=(sharding.batch_sharding(mesh),) * 2)
+  return jax.jit(embed, out_shardings=(sharding.batch_sharding(mesh),) * 2,
+                 compiler_options=compiler_options(cpu_matmuls))
 
 
 def make_extract(config, graphdef, state, mesh, workdir=None):
@@ -667,7 +707,7 @@ def make_extract(config, graphdef, state, mesh, workdir=None):
   order: "features", "projections", "caption_emb" and the source's int fields. Un-augmented (resize + centre
   crop), sharded over the mesh like training batches; every process takes part."""
   from jax.experimental import multihost_utils
-  embed = embed_fn(graphdef, mesh)
+  embed = embed_fn(graphdef, mesh, config.cpu_matmuls)
   shards = mesh.shape[sharding.DATA]
   batch_size = max(shards, config.eval_batch_size // shards * shards)
 
