@@ -98,6 +98,10 @@ def _host_busy() -> tuple[float, float]:
   return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz
 
 
+def _chunks(xs, n):
+  return [xs[i:i + n] for i in range(0, len(xs), n)]
+
+
 def _own_cpu() -> float:
   t = os.times()
   return t.user + t.system
@@ -179,7 +183,9 @@ def bench_case(name, args):
             "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),
             "step_time_pipeline": round(m_fed, 4), "ratio": round(m_fed / m_mem, 3),
             "data_wait_fraction": round(sum(waits) / sum(fed), 4),
-            "data_wait_median_s": round(statistics.median(waits), 4),
+            "data_wait_median_s": round(statistics.median(waits), 4), "data_wait_max_s": round(max(waits), 4),
+            "data_wait_fraction_by_round": [round(sum(w) / sum(t), 4) for w, t in zip(
+                _chunks(waits, args.steps), _chunks(fed, args.steps))],
             "images_per_s_in_memory": round(config.batch_size / m_mem, 1),
             "images_per_s_pipeline": round(config.batch_size / m_fed, 1),
             "cpu_s_per_step_in_memory": round(cpu[False] / len(mem), 4),
