@@ -418,10 +418,11 @@ def make_loss_fn(config, mesh, table: jax.Array | None):
 
 # jax 0.10's XLA:CPU hands dots, convolutions and reductions to YNNPACK. On an AVX2 host (AMD EPYC, Zen 3, 2 cores)
 # its float32 convolutions ran forward+backward at 30-95 GFLOP/s against 135-160 in Eigen (ResNet-18's 3x3 convs at
-# 64 px), and its matmuls were slower too: the X-CLR step took 2.20 against 2.71 s for ResNet-18 and 3.99 against
-# 4.57 s for ViT-S/16 with dots and convolutions in Eigen (benchmarks/train_bench.py --cpu-matmuls). Reductions
-# (BatchNorm's statistics) stay YNNPACK's, which is faster there. On an earlier AVX-512 host YNNPACK's matmuls
-# measured faster than Eigen's (280 against 230 GFLOP/s), so 'auto' leaves XLA's choice alone on such hosts.
+# 64 px), and its matmuls were slower too: the X-CLR step took 2.18 against 2.60 s for ResNet-18 and 4.15 against
+# 4.51 s for ViT-S/16 with dots and convolutions in Eigen (benchmarks/train_bench.py --cpu-matmuls auto ynnpack).
+# Reductions (BatchNorm's statistics) stay YNNPACK's: with them in Eigen too the ResNet step took 2.52 against
+# 2.20 s. On an earlier AVX-512 host YNNPACK's matmuls measured faster than Eigen's (280 against 230 GFLOP/s), so
+# 'auto' leaves XLA's choice alone on such hosts.
 _YNN_ONLY_REDUCTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
