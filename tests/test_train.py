@@ -132,9 +132,11 @@ ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sha2 crc32 atomi
 def test_cpu_matmuls_choose_xla_cpus_kernels_by_host():
   eigen = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
   assert [train.x86_avx512(t) for t in (AVX2_CPUINFO, AVX512_CPUINFO, ARM_CPUINFO, "")] == [False, True, None, None]
-  assert train.compiler_options("auto", "cpu", AVX2_CPUINFO) == eigen
-  assert train.compiler_options("auto", "cpu", AVX512_CPUINFO) is None  # XLA's own choice
-  assert train.compiler_options("auto", "cpu", ARM_CPUINFO) is None
+  assert train.compiler_options("auto", "cpu", AVX2_CPUINFO, local_devices=1) == eigen
+  assert train.compiler_options("auto", "cpu", AVX2_CPUINFO, local_devices=8) is None  # these tests' fake devices
+  assert train.compiler_options("eigen", "cpu", AVX2_CPUINFO, local_devices=8) == eigen
+  assert train.compiler_options("auto", "cpu", AVX512_CPUINFO, local_devices=1) is None  # XLA's own choice
+  assert train.compiler_options("auto", "cpu", ARM_CPUINFO, local_devices=1) is None
   assert train.compiler_options("eigen", "cpu", AVX512_CPUINFO) == eigen
   assert train.compiler_options("ynnpack", "cpu", AVX2_CPUINFO) is None
   assert train.compiler_options("eigen", "gpu") is None and train.compiler_options("auto", "tpu") is None
