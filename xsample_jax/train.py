@@ -435,6 +435,15 @@ def x86_avx512(cpuinfo: str | None) -> bool | None:
   return None if flags is None or "sse2" not in flags else "avx512f" in flags
 
 
+@functools.lru_cache(maxsize=1)
+def _host_cpuinfo() -> str | None:
+  """/proc/cpuinfo's text, read once per process (the train step and every evaluation's extraction ask)."""
+  try:
+    return epath.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return None
+
+
 def compiler_options(cpu_matmuls: str, backend: str | None = None, cpuinfo: str | None = None,
                      local_devices: int | None = None) -> dict | None:
   """`jax.jit`'s compiler_options for the model's jits (the train step, feature extraction): config.cpu_matmuls.
@@ -448,12 +457,7 @@ def compiler_options(cpu_matmuls: str, backend: str | None = None, cpuinfo: str 
   if cpu_matmuls == "auto":
     if (local_devices or jax.local_device_count()) != 1:
       return None
-    if cpuinfo is None:
-      try:
-        cpuinfo = epath.Path("/proc/cpuinfo").read_text()
-      except OSError:
-        return None
-    if x86_avx512(cpuinfo) is not False:
+    if x86_avx512(_host_cpuinfo() if cpuinfo is None else cpuinfo) is not False:
       return None
   return dict(_YNN_ONLY_REDUCTIONS)
 
