@@ -25,7 +25,10 @@ Per case, the step (`train.make_train_step`) runs in alternating phases, --round
              step is timed on its own (the loop itself syncs only at log steps, which can only hide more).
 Each phase runs --warmup untimed steps (the switch: read-ahead refills, caches settle), then --steps timed ones. One
 JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05) and the data-wait fraction,
-sum of waits / sum of pipeline step times (target <= 0.05), the `data_wait / step_time` the trainer logs. Like the
+sum of waits / sum of pipeline step times (target <= 0.05), the `data_wait / step_time` the trainer logs. A wait
+counts there even while the step it overlaps is still running, so the line also gives the device-idle fraction: the
+part of each wait after the step had finished (a thread records when its outputs are ready), the time the step
+really waited for data. Like the
 trainer's entry point, the benchmark restarts itself with glibc's malloc on transparent huge pages
 (`cli.use_huge_pages`; XSAMPLE_HUGE_PAGES=0 turns it off).
 """
@@ -37,6 +40,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 
 import jax
@@ -102,6 +106,16 @@ def _chunks(xs, n):
   return [xs[i:i + n] for i in range(0, len(xs), n)]
 
 
+def _ready_time(outputs) -> threading.Thread:
+  """A started thread that blocks until `outputs` are computed; its .time is then when they were (perf_counter)."""
+  def wait():
+    jax.block_until_ready(outputs)
+    thread.time = time.perf_counter()
+  thread = threading.Thread(target=wait, daemon=True)
+  thread.start()
+  return thread
+
+
 def _own_cpu() -> float:
   t = os.times()
   return t.user + t.system
@@ -138,15 +152,19 @@ def bench_case(name, args):
     def phase(fed, n, timed=True):
       """n steps; (wall seconds per step, seconds blocked in next(it) per step)."""
       nonlocal state, batch
-      times, waits = [], []
+      times, waits, idle = [], [], []
       own, (busy, total) = _own_cpu(), _host_busy()
       last = time.perf_counter()
       for _ in range(n):
         if fed:
           state, metrics = step(state, batch)  # dispatched asynchronously
+          done = _ready_time((state, metrics))
           t0 = time.perf_counter()
           batch = next(it)  # the host fetches the next batch while the device runs this step
-          waits.append(time.perf_counter() - t0)
+          t1 = time.perf_counter()
+          waits.append(t1 - t0)
+          done.join()  # the device sat idle from the step's end (or the call, if later) until the batch came
+          idle.append(max(0.0, t1 - max(t0, done.time)))
         else:
           state, metrics = step(state, in_memory)
         jax.block_until_ready((state, metrics))
@@ -157,16 +175,17 @@ def bench_case(name, args):
         own, (busy, total) = _own_cpu() - own, (b - a for a, b in zip((busy, total), _host_busy()))
         cpu[fed] += own
         host["busy"], host["total"], host["own"] = host["busy"] + busy, host["total"] + total, host["own"] + own
-      return times, waits
+      return times, waits, idle
 
-    mem, fed, waits = [], [], []
+    mem, fed, waits, idles = [], [], [], []
     for _ in range(args.rounds):
       phase(False, args.warmup, timed=False)
       mem += phase(False, args.steps)[0]
       phase(True, args.warmup, timed=False)
-      t, w = phase(True, args.steps)
+      t, w, i = phase(True, args.steps)
       fed += t
       waits += w
+      idles += i
     it.close()
     m_mem, m_fed = statistics.median(mem), statistics.median(fed)
     workers = pipeline.resolve_num_workers(config.data.num_workers)
@@ -183,6 +202,8 @@ def bench_case(name, args):
             "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),
             "step_time_pipeline": round(m_fed, 4), "ratio": round(m_fed / m_mem, 3),
             "data_wait_fraction": round(sum(waits) / sum(fed), 4),
+            "device_idle_fraction": round(sum(idles) / sum(fed), 4),
+            "device_idle_max_s": round(max(idles), 4),
             "data_wait_median_s": round(statistics.median(waits), 4), "data_wait_max_s": round(max(waits), 4),
             "data_wait_fraction_by_round": [round(sum(w) / sum(t), 4) for w, t in zip(
                 _chunks(waits, args.steps), _chunks(fed, args.steps))],
