@@ -36,6 +36,10 @@ def base() -> ml_collections.ConfigDict:
   # on x86 without AVX-512 with one CPU device per process, where it measured 1.1-2x faster steps; XLA's default
   # elsewhere). Ignored off CPU.
   c.cpu_matmuls = "auto"
+  # XLA's persistent compilation cache (a local or gs:// directory): a run resumed after preemption, and any later
+  # run of the same programs, loads the compiled train step instead of compiling it again. None: JAX's own setting
+  # (off unless JAX_COMPILATION_CACHE_DIR is set). Only ever share it with people you trust: it holds executables.
+  c.xla_cache_dir = _optional_str()
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "procedural"  # 'procedural' | 'tfds:NAME' | 'shards:DIR' | 'folder:DIR'

@@ -81,7 +81,9 @@ def test_a_run_is_deterministic_for_a_seed(reference, tmp_path):
 def test_sigterm_saves_and_the_rerun_continues_bit_for_bit(reference, tmp_path):
   # Logging every 7 steps: the steps after the last log must still reach metrics.jsonl when SIGTERM stops the run.
   every7 = "--config.log_every_steps=7"
-  proc = start(tmp_path, every7)
+  # Both runs share an XLA compilation cache: the rerun loads its programs from it and must still continue exactly.
+  cache = f"--config.xla_cache_dir={tmp_path / 'xla_cache'}"
+  proc = start(tmp_path, every7, cache)
   wait_for(proc, lambda: (tmp_path / "metrics.jsonl").exists() and max(losses(tmp_path), default=0) >= 10,
            "step 10")
   proc.send_signal(signal.SIGTERM)
@@ -92,7 +94,8 @@ def test_sigterm_saves_and_the_rerun_continues_bit_for_bit(reference, tmp_path):
   assert stopped < STEPS
   assert sorted(losses(tmp_path)) == list(range(1, stopped + 1))
   assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == stopped  # saved where it stopped
-  run(tmp_path, every7)
+  assert any(p.name.startswith("jit_train_step") for p in (tmp_path / "xla_cache").iterdir())
+  run(tmp_path, every7, cache)
   assert_same_run(reference, tmp_path)
 
 

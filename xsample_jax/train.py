@@ -818,9 +818,19 @@ def log_metrics(writer, bar, pending, batch_size, clock, data_metrics, nonfinite
   return rows[-1]
 
 
+def use_xla_cache(path: str | None) -> None:
+  """XLA's persistent compilation cache in `path` (config.xla_cache_dir) from the next compile on; None: as it is."""
+  if not path or jax.config.jax_compilation_cache_dir == path:
+    return
+  from jax.experimental.compilation_cache import compilation_cache
+  compilation_cache.set_cache_dir(path)
+  compilation_cache.reset_cache()  # JAX opens its cache once per process: one an earlier run opened is dropped
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from the latest checkpoint in `workdir` if any) and evaluates; returns the last metrics."""
   check_config(config)
+  use_xla_cache(config.xla_cache_dir)
   workdir = epath.Path(workdir)
   if not str(workdir).startswith("gs://"):
     workdir = workdir.resolve()  # orbax wants absolute paths

@@ -122,9 +122,7 @@ def main(argv):
         sys.exit(f"error: {method} at {fraction:g}: {e}")
   workdir.mkdir(parents=True, exist_ok=True)
   # Identical programs across seeds compile once: XLA's persistent cache lives beside the runs.
-  import jax
-  jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  train.use_xla_cache(str(workdir / "xla_cache"))
   results = compare(cmp, workdir)
   args, skip = [], False
   for a in sys.argv[1:]:  # the command that made the table, less where it was written
