@@ -25,10 +25,10 @@ Per case, the step (`train.make_train_step`) runs in alternating phases, --round
              step is timed on its own (the loop itself syncs only at log steps, which can only hide more).
 Each phase runs --warmup untimed steps (the switch: read-ahead refills, caches settle), then --steps timed ones. One
 JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05) and the data-wait fraction,
-sum of waits / sum of pipeline step times (target <= 0.05), the `data_wait / step_time` the trainer logs. A wait
-counts there even while the step it overlaps is still running, so the line also gives the device-idle fraction: the
-part of each wait after the step had finished (a thread records when its outputs are ready), the time the step
-really waited for data. Like the
+sum of waits / sum of pipeline step times (target <= 0.05). A wait counts there even while the step it overlaps is
+still running, so the line also gives the device-idle fraction: the part of each wait after the step had finished
+(a thread records when its outputs are ready), the time the step really waited for data. The trainer's logged
+`data_wait` lies between the two: a wait counts whole when the step had finished by the time the batch came. Like the
 trainer's entry point, the benchmark restarts itself with glibc's malloc on transparent huge pages
 (`cli.use_huge_pages`; XSAMPLE_HUGE_PAGES=0 turns it off).
 """

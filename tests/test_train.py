@@ -220,3 +220,32 @@ def test_tensorboard_events_hold_every_logged_scalar_and_a_resume_purges_later_o
   train.train_and_evaluate(tiny_config(total_steps=3, checkpoint_every_steps=2), str(tmp_path))
   starts = [e.step for e in _events(tmp_path / "tensorboard") if e.HasField("session_log")]
   assert starts == [3]
+
+
+def test_data_wait_leaves_out_waits_that_a_running_step_covered():
+  """The logged data_wait counts time blocked fetching a batch only when the step had already finished: while the
+  step still computes, the device is not waiting for data."""
+  import functools
+  import time
+
+  import jax.numpy as jnp
+
+  class Slow:  # a pipeline whose every batch takes 20 ms to come
+    def __next__(self):
+      time.sleep(0.02)
+      return "batch"
+
+  # Seconds of matmuls on a 2-core CPU (tenths on a large one), dispatched asynchronously like the train step.
+  work = jax.jit(lambda x: functools.reduce(lambda y, _: jnp.tanh(y @ x), range(20), x))
+  x = jnp.full((1536, 1536), 1 / 1536, jnp.float32)
+  work(x).block_until_ready()
+  clock = {"data_wait": 0.0}
+  running = work(x)
+  assert train._next_batch(Slow(), clock, {"loss": running}) == "batch"
+  assert not running.is_ready()  # still computing now, so it was when the batch came
+  assert clock["data_wait"] == 0.0
+  running.block_until_ready()
+  train._next_batch(Slow(), clock, {"loss": running})  # the step had finished: the device waited
+  assert 0.02 <= clock["data_wait"] < 1.0
+  train._next_batch(Slow(), clock)  # before the first step every wait counts
+  assert 0.04 <= clock["data_wait"] < 2.0

@@ -784,10 +784,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _next_batch(it, clock):
+def _next_batch(it, clock, running=None):
+  """next(it), adding the time it blocked to clock["data_wait"] unless the step `running` (its outputs) was still
+  computing when the batch came: that wait overlapped the device's work. So data_wait bounds from above the time
+  the device sat idle for want of data (a wait during which the step finished counts whole)."""
   t0 = time.perf_counter()
   batch = next(it)
-  clock["data_wait"] += time.perf_counter() - t0
+  waited = time.perf_counter() - t0
+  if running is None or all(x.is_ready() for x in jax.tree.leaves(running)):
+    clock["data_wait"] += waited
   return batch
 
 
@@ -889,7 +894,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       save = stop or end or step % config.checkpoint_every_steps == 0
       data_state = it.get_state() if save else None  # the stream after the batches consumed so far
       if not (stop or end):  # the host fetches the next batch while the device runs this step
-        batch = _next_batch(it, clock)
+        batch = _next_batch(it, clock, metrics)
       if stop or end or step % config.log_every_steps == 0:
         try:
           last = log_metrics(writer, bar, pending, config.batch_size, clock, {**it.metrics(), **source_metrics},
