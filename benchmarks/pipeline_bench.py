@@ -27,8 +27,8 @@ Each phase runs --warmup untimed steps (the switch: read-ahead refills, caches s
 JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05) and the data-wait fraction,
 sum of waits / sum of pipeline step times (target <= 0.05). A wait counts there even while the step it overlaps is
 still running, so the line also gives the device-idle fraction: the part of each wait after the step had finished
-(a thread records when its outputs are ready), the time the step really waited for data. The trainer's logged
-`data_wait` lies between the two: a wait counts whole when the step had finished by the time the batch came. Like the
+(`train.StepWatch` notes when its outputs are ready), the time the step really waited for data: the trainer's
+logged `data_wait`, by the trainer's own code (`train._next_batch`). Like the
 trainer's entry point, the benchmark restarts itself with glibc's malloc on transparent huge pages
 (`cli.use_huge_pages`; XSAMPLE_HUGE_PAGES=0 turns it off).
 """
@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 
 import jax
@@ -106,16 +106,6 @@ def _chunks(xs, n):
   return [xs[i:i + n] for i in range(0, len(xs), n)]
 
 
-def _ready_time(outputs) -> threading.Thread:
-  """A started thread that blocks until `outputs` are computed; its .time is then when they were (perf_counter)."""
-  def wait():
-    jax.block_until_ready(outputs)
-    thread.time = time.perf_counter()
-  thread = threading.Thread(target=wait, daemon=True)
-  thread.start()
-  return thread
-
-
 def _own_cpu() -> float:
   t = os.times()
   return t.user + t.system
@@ -148,6 +138,7 @@ def bench_case(name, args):
 
     cpu = {False: 0.0, True: 0.0}  # this process's CPU seconds in the timed steps, per kind of phase
     host = {"busy": 0.0, "total": 0.0, "own": 0.0}
+    watch, clock, fed_steps = train.StepWatch(), {"data_wait": 0.0}, itertools.count(1)
 
     def phase(fed, n, timed=True):
       """n steps; (wall seconds per step, seconds blocked in next(it) per step)."""
@@ -158,13 +149,14 @@ def bench_case(name, args):
       for _ in range(n):
         if fed:
           state, metrics = step(state, batch)  # dispatched asynchronously
-          done = _ready_time((state, metrics))
-          t0 = time.perf_counter()
-          batch = next(it)  # the host fetches the next batch while the device runs this step
-          t1 = time.perf_counter()
-          waits.append(t1 - t0)
-          done.join()  # the device sat idle from the step's end (or the call, if later) until the batch came
-          idle.append(max(0.0, t1 - max(t0, done.time)))
+          k = next(fed_steps)
+          watch.watch(k, (state, metrics))
+          t0, idle_before = time.perf_counter(), clock["data_wait"]
+          # The host fetches the next batch while the device runs this step, as the trainer does (its own
+          # accounting: data_wait grows only by the time after the step had finished).
+          batch = train._next_batch(it, clock, watch, k)
+          waits.append(time.perf_counter() - t0)
+          idle.append(clock["data_wait"] - idle_before)
         else:
           state, metrics = step(state, in_memory)
         jax.block_until_ready((state, metrics))
@@ -187,6 +179,7 @@ def bench_case(name, args):
       waits += w
       idles += i
     it.close()
+    watch.close()
     m_mem, m_fed = statistics.median(mem), statistics.median(fed)
     workers = pipeline.resolve_num_workers(config.data.num_workers)
     return {"bench": "pipeline_vs_in_memory_step", "case": name, "model": config.model.variant,

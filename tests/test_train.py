@@ -222,9 +222,9 @@ def test_tensorboard_events_hold_every_logged_scalar_and_a_resume_purges_later_o
   assert starts == [3]
 
 
-def test_data_wait_leaves_out_waits_that_a_running_step_covered():
-  """The logged data_wait counts time blocked fetching a batch only when the step had already finished: while the
-  step still computes, the device is not waiting for data."""
+def test_data_wait_counts_only_the_time_the_finished_step_waited_for_its_batch():
+  """The logged data_wait is the part of the time blocked fetching a batch after the step had finished: while the
+  step still computes, the devices are not waiting for data."""
   import functools
   import time
 
@@ -239,13 +239,33 @@ def test_data_wait_leaves_out_waits_that_a_running_step_covered():
   work = jax.jit(lambda x: functools.reduce(lambda y, _: jnp.tanh(y @ x), range(20), x))
   x = jnp.full((1536, 1536), 1 / 1536, jnp.float32)
   work(x).block_until_ready()
-  clock = {"data_wait": 0.0}
-  running = work(x)
-  assert train._next_batch(Slow(), clock, {"loss": running}) == "batch"
-  assert not running.is_ready()  # still computing now, so it was when the batch came
-  assert clock["data_wait"] == 0.0
-  running.block_until_ready()
-  train._next_batch(Slow(), clock, {"loss": running})  # the step had finished: the device waited
-  assert 0.02 <= clock["data_wait"] < 1.0
-  train._next_batch(Slow(), clock)  # before the first step every wait counts
-  assert 0.04 <= clock["data_wait"] < 2.0
+  watch, clock = train.StepWatch(), {"data_wait": 0.0}
+  try:
+    running = work(x)
+    watch.watch(1, {"loss": running})
+    assert train._next_batch(Slow(), clock, watch, 1) == "batch"
+    assert not running.is_ready()  # still computing now, so it was while the batch came
+    assert clock["data_wait"] == 0.0 and watch.finished_at(1) is None
+    running.block_until_ready()
+    while watch.finished_at(1) is None:  # the watcher notes the time within microseconds
+      time.sleep(0.001)
+    train._next_batch(Slow(), clock, watch, 1)  # the step had finished before: the whole wait was idle
+    assert 0.02 <= clock["data_wait"] < 1.0
+    running = work(x)
+    watch.watch(2, {"loss": running})
+
+    class AfterTheStep:  # a batch that comes 20 ms after the step finished
+      def __next__(self):
+        running.block_until_ready()
+        time.sleep(0.02)
+        return "batch"
+
+    before, t0 = clock["data_wait"], time.perf_counter()
+    train._next_batch(AfterTheStep(), clock, watch, 2)
+    waited, idle = time.perf_counter() - t0, clock["data_wait"] - before
+    assert 0.02 <= idle < 0.2 and idle < waited - 0.05  # only the end of the wait, not the step's compute
+    before = clock["data_wait"]
+    train._next_batch(Slow(), clock)  # before the first step every wait counts
+    assert 0.02 <= clock["data_wait"] - before < 1.0
+  finally:
+    watch.close()

@@ -21,7 +21,9 @@ import functools
 import json
 import logging
 import math
+import queue
 import signal
+import threading
 import time
 from typing import Any
 
@@ -784,15 +786,46 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _next_batch(it, clock, running=None):
-  """next(it), adding the time it blocked to clock["data_wait"] unless the step `running` (its outputs) was still
-  computing when the batch came: that wait overlapped the device's work. So data_wait bounds from above the time
-  the device sat idle for want of data (a wait during which the step finished counts whole)."""
+class StepWatch:
+  """Records when each dispatched step's outputs are ready: a thread blocks on them in dispatch order, so the loop
+  itself never waits for a step, yet can tell how long the devices sat idle before the next batch came."""
+
+  def __init__(self):
+    self._queue, self._last = queue.SimpleQueue(), (0, 0.0)
+    self._thread = threading.Thread(target=self._run, name="step-watch", daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    while (item := self._queue.get()) is not None:
+      step, outputs = item
+      try:
+        jax.block_until_ready(outputs)
+      except Exception:  # noqa: BLE001 - a failed step is the loop's to report, when it fetches the metrics
+        pass
+      self._last = (step, time.perf_counter())
+
+  def watch(self, step: int, outputs) -> None:
+    self._queue.put((step, outputs))
+
+  def finished_at(self, step: int) -> float | None:
+    """When step `step` (the latest watched, or an earlier one) finished; None while it runs."""
+    last_step, at = self._last
+    return at if last_step >= step else None
+
+  def close(self) -> None:
+    self._queue.put(None)
+    self._thread.join()
+
+
+def _next_batch(it, clock, watch: StepWatch | None = None, step: int = 0):
+  """next(it). clock["data_wait"] gets the part of the time it blocked after step `step` (dispatched just before)
+  had finished: the devices' idle time for want of data, not the time the batch took while they computed."""
   t0 = time.perf_counter()
   batch = next(it)
-  waited = time.perf_counter() - t0
-  if running is None or all(x.is_ready() for x in jax.tree.leaves(running)):
-    clock["data_wait"] += waited
+  t1 = time.perf_counter()
+  done = t0 if watch is None else watch.finished_at(step)
+  if done is not None:
+    clock["data_wait"] += t1 - max(t0, done)
   return batch
 
 
@@ -884,17 +917,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step, pending, last, stopped = start, [], {"step": start}, False
   clock = {"log": time.perf_counter(), "data_wait": 0.0}
   batch = _next_batch(it, clock) if start < config.total_steps else None
+  watch = StepWatch()
   try:
     while step < config.total_steps:
       with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
         state, metrics = train_step(state, batch)  # dispatched asynchronously
       step += 1
       pending.append((step, metrics))
+      watch.watch(step, metrics)
       stop, end = preemption.reached(step), step == config.total_steps
       save = stop or end or step % config.checkpoint_every_steps == 0
       data_state = it.get_state() if save else None  # the stream after the batches consumed so far
       if not (stop or end):  # the host fetches the next batch while the device runs this step
-        batch = _next_batch(it, clock, metrics)
+        batch = _next_batch(it, clock, watch, step)
       if stop or end or step % config.log_every_steps == 0:
         try:
           last = log_metrics(writer, bar, pending, config.batch_size, clock, {**it.metrics(), **source_metrics},
@@ -916,6 +951,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, run_evals(config, graphdef, state, mesh, workdir))
   finally:  # a save in flight completes, and SIGTERM gets its handler back, also when the loop raises
     it.close()  # its read-ahead stops: the evaluations get the cores
+    watch.close()
     preemption.restore()
     try:
       mngr.wait_until_finished()
