@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import statistics
@@ -138,10 +137,11 @@ def bench_case(name, args):
 
     cpu = {False: 0.0, True: 0.0}  # this process's CPU seconds in the timed steps, per kind of phase
     host = {"busy": 0.0, "total": 0.0, "own": 0.0}
-    watch, clock, fed_steps = train.StepWatch(), {"data_wait": 0.0}, itertools.count(1)
+    watch, clock = train.StepWatch(), {"data_wait": 0.0}
 
     def phase(fed, n, timed=True):
-      """n steps; (wall seconds per step, seconds blocked in next(it) per step)."""
+      """n steps; (wall seconds per step, seconds blocked in next(it) per step, seconds of those after the step
+      had finished)."""
       nonlocal state, batch
       times, waits, idle = [], [], []
       own, (busy, total) = _own_cpu(), _host_busy()
@@ -149,12 +149,11 @@ def bench_case(name, args):
       for _ in range(n):
         if fed:
           state, metrics = step(state, batch)  # dispatched asynchronously
-          k = next(fed_steps)
-          watch.watch(k, (state, metrics))
+          watch.watch((state, metrics))
           t0, idle_before = time.perf_counter(), clock["data_wait"]
           # The host fetches the next batch while the device runs this step, as the trainer does (its own
           # accounting: data_wait grows only by the time after the step had finished).
-          batch = train._next_batch(it, clock, watch, k)
+          batch = train._next_batch(it, clock, watch)
           waits.append(time.perf_counter() - t0)
           idle.append(clock["data_wait"] - idle_before)
         else:

@@ -242,17 +242,17 @@ def test_data_wait_counts_only_the_time_the_finished_step_waited_for_its_batch()
   watch, clock = train.StepWatch(), {"data_wait": 0.0}
   try:
     running = work(x)
-    watch.watch(1, {"loss": running})
-    assert train._next_batch(Slow(), clock, watch, 1) == "batch"
+    watch.watch({"loss": running})
+    assert train._next_batch(Slow(), clock, watch) == "batch"
     assert not running.is_ready()  # still computing now, so it was while the batch came
-    assert clock["data_wait"] == 0.0 and watch.finished_at(1) is None
+    assert clock["data_wait"] == 0.0 and watch.finished_at() is None
     running.block_until_ready()
-    while watch.finished_at(1) is None:  # the watcher notes the time within microseconds
+    while watch.finished_at() is None:  # the watcher notes the time within microseconds
       time.sleep(0.001)
-    train._next_batch(Slow(), clock, watch, 1)  # the step had finished before: the whole wait was idle
+    train._next_batch(Slow(), clock, watch)  # the step had finished before: the whole wait was idle
     assert 0.02 <= clock["data_wait"] < 1.0
     running = work(x)
-    watch.watch(2, {"loss": running})
+    watch.watch({"loss": running})
 
     class AfterTheStep:  # a batch that comes 20 ms after the step finished
       def __next__(self):
@@ -261,11 +261,15 @@ def test_data_wait_counts_only_the_time_the_finished_step_waited_for_its_batch()
         return "batch"
 
     before, t0 = clock["data_wait"], time.perf_counter()
-    train._next_batch(AfterTheStep(), clock, watch, 2)
+    train._next_batch(AfterTheStep(), clock, watch)
     waited, idle = time.perf_counter() - t0, clock["data_wait"] - before
     assert 0.02 <= idle < 0.2 and idle < waited - 0.05  # only the end of the wait, not the step's compute
     before = clock["data_wait"]
-    train._next_batch(Slow(), clock)  # before the first step every wait counts
+    fresh = train.StepWatch()
+    try:
+      train._next_batch(Slow(), clock, fresh)  # before the first step every wait counts
+    finally:
+      fresh.close()
     assert 0.02 <= clock["data_wait"] - before < 1.0
   finally:
     watch.close()

@@ -791,39 +791,41 @@ class StepWatch:
   itself never waits for a step, yet can tell how long the devices sat idle before the next batch came."""
 
   def __init__(self):
-    self._queue, self._last = queue.SimpleQueue(), (0, 0.0)
+    self._queue, self._watched, self._finished = queue.SimpleQueue(), 0, (0, 0.0)
     self._thread = threading.Thread(target=self._run, name="step-watch", daemon=True)
     self._thread.start()
 
   def _run(self):
     while (item := self._queue.get()) is not None:
-      step, outputs = item
+      n, outputs = item
       try:
         jax.block_until_ready(outputs)
       except Exception:  # noqa: BLE001 - a failed step is the loop's to report, when it fetches the metrics
         pass
-      self._last = (step, time.perf_counter())
+      self._finished = (n, time.perf_counter())
 
-  def watch(self, step: int, outputs) -> None:
-    self._queue.put((step, outputs))
+  def watch(self, outputs) -> None:
+    self._watched += 1
+    self._queue.put((self._watched, outputs))
 
-  def finished_at(self, step: int) -> float | None:
-    """When step `step` (the latest watched, or an earlier one) finished; None while it runs."""
-    last_step, at = self._last
-    return at if last_step >= step else None
+  def finished_at(self) -> float | None:
+    """When the latest watched step finished (0.0 before any); None while it runs."""
+    n, at = self._finished
+    return at if n == self._watched else None
 
   def close(self) -> None:
     self._queue.put(None)
     self._thread.join()
 
 
-def _next_batch(it, clock, watch: StepWatch | None = None, step: int = 0):
-  """next(it). clock["data_wait"] gets the part of the time it blocked after step `step` (dispatched just before)
-  had finished: the devices' idle time for want of data, not the time the batch took while they computed."""
+def _next_batch(it, clock, watch: StepWatch):
+  """next(it). clock["data_wait"] gets the part of the time it blocked after the step dispatched just before (the
+  latest `watch` watches) had finished: the devices' idle time for want of data, not the time the batch took
+  while they computed."""
   t0 = time.perf_counter()
   batch = next(it)
   t1 = time.perf_counter()
-  done = t0 if watch is None else watch.finished_at(step)
+  done = watch.finished_at()
   if done is not None:
     clock["data_wait"] += t1 - max(t0, done)
   return batch
@@ -915,21 +917,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
 
   step, pending, last, stopped = start, [], {"step": start}, False
-  clock = {"log": time.perf_counter(), "data_wait": 0.0}
-  batch = _next_batch(it, clock) if start < config.total_steps else None
-  watch = StepWatch()
+  clock, watch = {"log": time.perf_counter(), "data_wait": 0.0}, StepWatch()
   try:
+    batch = _next_batch(it, clock, watch) if start < config.total_steps else None
     while step < config.total_steps:
       with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
         state, metrics = train_step(state, batch)  # dispatched asynchronously
       step += 1
       pending.append((step, metrics))
-      watch.watch(step, metrics)
+      watch.watch(metrics)
       stop, end = preemption.reached(step), step == config.total_steps
       save = stop or end or step % config.checkpoint_every_steps == 0
       data_state = it.get_state() if save else None  # the stream after the batches consumed so far
       if not (stop or end):  # the host fetches the next batch while the device runs this step
-        batch = _next_batch(it, clock, watch, step)
+        batch = _next_batch(it, clock, watch)
       if stop or end or step % config.log_every_steps == 0:
         try:
           last = log_metrics(writer, bar, pending, config.batch_size, clock, {**it.metrics(), **source_metrics},
