@@ -67,6 +67,12 @@ def test_jitter_ops_agree_with_pil_image_enhance():
     assert np.abs(augment.adjust_hue(x, turn) - _exact_hue(x, turn)).max() <= 0.5 + 1e-3, turn
 
 
+def test_uniform_draws_what_generator_uniform_draws():
+  a, b = np.random.default_rng(7), np.random.default_rng(7)
+  for low, high in [(0.2, 1.8), (-0.1, 0.1), (math.log(3 / 4), math.log(4 / 3)), (0.08, 1.0)] * 500:
+    assert augment._uniform(a, low, high) == b.uniform(low, high)
+
+
 def test_random_resized_crop_box_respects_scale_and_ratio():
   rng = np.random.default_rng(0)
   for _ in range(300):
