@@ -24,7 +24,8 @@ Per case, the step (`train.make_train_step`) runs in alternating phases, --round
              real source; the time blocked in next(it) is the data wait), then block on the step's output, so each
              step is timed on its own (the loop itself syncs only at log steps, which can only hide more).
 Each phase runs --warmup untimed steps (the switch: read-ahead refills, caches settle), then --steps timed ones. One
-JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05) and the data-wait fraction,
+JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05; also each round's own, to show
+the spread within a run) and the data-wait fraction,
 sum of waits / sum of pipeline step times (target <= 0.05). A wait counts there even while the step it overlaps is
 still running, so the line also gives the device-idle fraction: the part of each wait after the step had finished
 (`train.StepWatch` notes when its outputs are ready), the time the step really waited for data: the trainer's
@@ -126,6 +127,9 @@ def bench_case(name, args):
     step = train.make_train_step(config, graphdef, shardings, mesh, loss_fn)
     state = train.init_state(config, shardings)
     it = train.train_iterator(config, source, mesh)
+    rendering = getattr(source, "prerender", lambda: None)()
+    if rendering is not None:  # the trainer's background render of the procedural split: done before timing,
+      rendering.join()  # or it takes CPU from the first rounds' phases (their in-memory steps most)
     t0 = time.perf_counter()
     batch = next(it)
     first_batch = time.perf_counter() - t0
@@ -193,6 +197,9 @@ def bench_case(name, args):
             "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),
             "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),
             "step_time_pipeline": round(m_fed, 4), "ratio": round(m_fed / m_mem, 3),
+            # Each round's own ratio (its phases run seconds apart): how far one ratio moves within a run.
+            "ratio_by_round": [round(statistics.median(f) / statistics.median(m), 3) for f, m in zip(
+                _chunks(fed, args.steps), _chunks(mem, args.steps))],
             "data_wait_fraction": round(sum(waits) / sum(fed), 4),
             "device_idle_fraction": round(sum(idles) / sum(fed), 4),
             "device_idle_max_s": round(max(idles), 4),
