@@ -140,7 +140,7 @@ def color_jitter(x: np.ndarray, rng: np.random.Generator, strength: float) -> np
   ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) draws it, on uint8 RGB.
 
   On uint8, one OpenCV call or a few per op: about 3x faster, at 32 px and at 224 px, than the same ops on float32
-  pixels in NumPy (as torchvision's tensor path computes them), which this project did before.
+  pixels in NumPy (torchvision's tensor path), whose per-call cost dominates at small sizes.
   """
   b = 0.8 * strength
   h = 0.2 * strength
