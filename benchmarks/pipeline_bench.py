@@ -1,8 +1,8 @@
 """Does the train step wait for data? The trainer's step fed by the real input pipeline vs the same step on one
 in-memory batch, in one process.
 
-    python -m benchmarks.pipeline_bench                       # smoke and jpeg224, 3 rounds
-    python -m benchmarks.pipeline_bench --cases smoke --rounds 5 --steps 10
+    python -m benchmarks.pipeline_bench                       # smoke (40 rounds of 4 steps) and jpeg224 (3 of 10)
+    python -m benchmarks.pipeline_bench --cases smoke --rounds 80
     python -m benchmarks.pipeline_bench --cases smoke smoke_in_ram smoke_geometric   # where the smoke ratio goes
 
 Cases:
@@ -23,9 +23,15 @@ Per case, the step (`train.make_train_step`) runs in alternating phases, --round
   pipeline:  as the training loop does it: dispatch the step, fetch the next batch (`train.train_iterator` over the
              real source; the time blocked in next(it) is the data wait), then block on the step's output, so each
              step is timed on its own (the loop itself syncs only at log steps, which can only hide more).
-Each phase runs --warmup untimed steps (the switch: read-ahead refills, caches settle), then --steps timed ones. One
-JSON line per case: medians of the per-step wall times, their ratio (target <= 1.05; also each round's own, to show
-the spread within a run) and the data-wait fraction,
+An in-memory phase runs --warmup untimed steps (caches settle after the switch), then --steps timed ones; a
+pipeline phase runs --steps timed ones, then waits until the prefetch thread has caught up (assembled every batch it
+may hold: `Prefetch.ready()`), and that wait, spread over the phase's steps, counts as theirs. So every phase starts
+with a full read-ahead and leaves no pipeline work to the next one: with the thread at nice 19 on a busy host it
+lags the step, and the read-ahead it then refills during an in-memory phase would otherwise be charged there.
+Short phases, many of them: this kind of host's speed drifts by 10-40% over seconds, more than the pipeline's share
+of the step, so only finely interleaved phases see the same host. One JSON line per case: medians of the per-step
+wall times, their ratio (target <= 1.05) with a 90% bootstrap interval over rounds (`ratio_ci90`: rounds resampled
+with replacement, the ratio of the pooled medians each time), each round's own ratio, and the data-wait fraction,
 sum of waits / sum of pipeline step times (target <= 0.05). A wait counts there even while the step it overlaps is
 still running, so the line also gives the device-idle fraction: the part of each wait after the step had finished
 (`train.StepWatch` notes when its outputs are ready), the time the step really waited for data: the trainer's
@@ -44,6 +50,7 @@ import tempfile
 import time
 
 import jax
+import numpy as np
 
 from benchmarks import input_bench
 from configs import cc, smoke
@@ -92,6 +99,8 @@ def jpeg224_case(args, tmp):
 
 CASES = {"smoke": smoke_case, "smoke_in_ram": smoke_in_ram_case, "smoke_geometric": smoke_geometric_case,
          "jpeg224": jpeg224_case}
+# Default (rounds, timed steps per phase): a smoke step takes ~0.2 s on 2 cores, a jpeg224 one a few seconds.
+ROUNDS_STEPS = {"smoke": (40, 4), "smoke_in_ram": (40, 4), "smoke_geometric": (40, 4), "jpeg224": (3, 10)}
 
 
 def _host_busy() -> tuple[float, float]:
@@ -104,6 +113,28 @@ def _host_busy() -> tuple[float, float]:
 
 def _chunks(xs, n):
   return [xs[i:i + n] for i in range(0, len(xs), n)]
+
+
+def _bootstrap_ratio(fed_rounds, mem_rounds, draws=2000, seed=0) -> list[float]:
+  """5th and 95th percentiles of median(fed) / median(mem) over rounds resampled with replacement (a round keeps
+  its two phases together: they ran on the same host seconds apart)."""
+  rng = np.random.default_rng(seed)
+  fed, mem = np.asarray(fed_rounds), np.asarray(mem_rounds)  # [rounds, steps]
+  picks = rng.integers(0, len(fed), (draws, len(fed)))
+  ratios = [np.median(fed[p]) / np.median(mem[p]) for p in picks]
+  return [round(float(q), 3) for q in np.percentile(ratios, [5, 95])]
+
+
+def _catch_up(it, timeout=120.0) -> float:
+  """Seconds until the prefetch thread has assembled every batch it may hold and waits for room, so no pipeline work
+  is left over for the next phase."""
+  t0 = time.perf_counter()
+  while it.ready() < it.size + 1:
+    if time.perf_counter() - t0 > timeout:
+      raise RuntimeError(f"the prefetch thread holds {it.ready()} batches after {timeout} s (it holds {it.size + 1} "
+                         "when caught up): the pipeline stalled or ended")
+    time.sleep(0.0005)
+  return time.perf_counter() - t0
 
 
 def _own_cpu() -> float:
@@ -166,18 +197,23 @@ def bench_case(name, args):
         now = time.perf_counter()
         times.append(now - last)
         last = now
+      if fed and timed:  # the pipeline's work for these steps that it has not done yet is theirs too
+        catch_up = _catch_up(it)
+        catch_ups.append(catch_up)
+        times = [t + catch_up / n for t in times]
       if timed:
         own, (busy, total) = _own_cpu() - own, (b - a for a, b in zip((busy, total), _host_busy()))
         cpu[fed] += own
         host["busy"], host["total"], host["own"] = host["busy"] + busy, host["total"] + total, host["own"] + own
       return times, waits, idle
 
-    mem, fed, waits, idles = [], [], [], []
-    for _ in range(args.rounds):
+    _catch_up(it)
+    mem, fed, waits, idles, catch_ups = [], [], [], [], []
+    rounds, steps = args.rounds or ROUNDS_STEPS[name][0], args.steps or ROUNDS_STEPS[name][1]
+    for _ in range(rounds):
       phase(False, args.warmup, timed=False)
-      mem += phase(False, args.steps)[0]
-      phase(True, args.warmup, timed=False)
-      t, w, i = phase(True, args.steps)
+      mem += phase(False, steps)[0]
+      t, w, i = phase(True, steps)
       fed += t
       waits += w
       idles += i
@@ -193,19 +229,21 @@ def bench_case(name, args):
             "prefetch_nice": config.data.prefetch_nice, "procedural_keep_mb": config.data.procedural_keep_mb,
             "settings": args.set, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "devices": jax.device_count(),
-            "cpus": pipeline.host_cores(), "rounds": args.rounds, "steps_per_phase": args.steps,
-            "warmup_per_phase": args.warmup, "first_batch_s": round(first_batch, 3),
+            "cpus": pipeline.host_cores(), "rounds": rounds, "steps_per_phase": steps,
+            "warmup_per_in_memory_phase": args.warmup, "first_batch_s": round(first_batch, 3),
             "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),
             "step_time_pipeline": round(m_fed, 4), "ratio": round(m_fed / m_mem, 3),
+            "ratio_ci90": _bootstrap_ratio(_chunks(fed, steps), _chunks(mem, steps)),
             # Each round's own ratio (its phases run seconds apart): how far one ratio moves within a run.
             "ratio_by_round": [round(statistics.median(f) / statistics.median(m), 3) for f, m in zip(
-                _chunks(fed, args.steps), _chunks(mem, args.steps))],
+                _chunks(fed, steps), _chunks(mem, steps))],
+            "catch_up_median_s": round(statistics.median(catch_ups), 4),
             "data_wait_fraction": round(sum(waits) / sum(fed), 4),
             "device_idle_fraction": round(sum(idles) / sum(fed), 4),
             "device_idle_max_s": round(max(idles), 4),
             "data_wait_median_s": round(statistics.median(waits), 4), "data_wait_max_s": round(max(waits), 4),
             "data_wait_fraction_by_round": [round(sum(w) / sum(t), 4) for w, t in zip(
-                _chunks(waits, args.steps), _chunks(fed, args.steps))],
+                _chunks(waits, steps), _chunks(fed, steps))],
             "images_per_s_in_memory": round(config.batch_size / m_mem, 1),
             "images_per_s_pipeline": round(config.batch_size / m_fed, 1),
             "cpu_s_per_step_in_memory": round(cpu[False] / len(mem), 4),
@@ -217,9 +255,9 @@ def bench_case(name, args):
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--cases", nargs="+", default=["smoke", "jpeg224"], choices=list(CASES))
-  ap.add_argument("--rounds", type=int, default=3, help="in-memory / pipeline phase pairs")
-  ap.add_argument("--steps", type=int, default=10, help="timed steps per phase")
-  ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each phase")
+  ap.add_argument("--rounds", type=int, default=None, help="in-memory / pipeline phase pairs (default: the case's)")
+  ap.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: the case's)")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each in-memory phase")
   ap.add_argument("--model", default="resnet18", help="jpeg224: the image tower")
   ap.add_argument("--batch", type=int, default=8, help="jpeg224: global images per step (two views each)")
   ap.add_argument("--records", type=int, default=512, help="jpeg224: JPEG records written")

@@ -258,6 +258,26 @@ def test_prefetch_reads_ahead_but_its_state_is_the_last_batch_returned(procedura
     it.close()
 
 
+def test_prefetch_ready_counts_the_batches_assembled_and_not_yet_returned(procedural):
+  it = pipeline.Prefetch(iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=0,
+                                                     process_index=0, process_count=1)), size=2)
+
+  def settled():  # the thread fills the queue, then holds one more batch while it waits for room
+    deadline = time.monotonic() + 30
+    while it.ready() < 3 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.2)  # and assembles nothing beyond it
+    return it.ready()
+
+  assert settled() == 3
+  next(it)
+  next(it)
+  assert settled() == 3  # two taken, two more assembled
+  it.set_state(it.get_state())  # a restart drops the read-ahead and reads it again
+  assert settled() == 3
+  it.close()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
 def test_prefetch_thread_runs_at_the_niceness_it_was_given(procedural):
   def make(**kw):

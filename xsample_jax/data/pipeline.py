@@ -246,12 +246,13 @@ class Prefetch:
       raise ValueError(f"prefetch size must be >= 1, got {size}")
     if not 0 <= nice <= 19:
       raise ValueError(f"prefetch nice must be in [0, 19], got {nice}")
-    self._it, self._size, self._nice = it, size, nice
+    self._it, self.size, self._nice = it, size, nice
     self._state, self._metrics, self._skipped = it.get_state(), it.metrics(), it.skipped
     self._start()
 
   def _start(self):
-    self._queue, self._stop = queue.Queue(self._size), threading.Event()
+    self._queue, self._stop = queue.Queue(self.size), threading.Event()
+    self._assembled = self._taken = 0
     self._thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
     self._thread.start()
 
@@ -264,6 +265,7 @@ class Prefetch:
     try:
       while not self._stop.is_set():
         batch = next(self._it)
+        self._assembled += 1
         self._put((batch, self._it.get_state(), self._it.metrics(), self._it.skipped))
     except BaseException as e:  # noqa: BLE001 - every failure, and the end (StopIteration), goes to the consumer
       self._put(e)
@@ -294,7 +296,13 @@ class Prefetch:
       self._queue.put(item)  # every later call raises it too
       raise item
     batch, self._state, self._metrics, self._skipped = item
+    self._taken += 1
     return batch
+
+  def ready(self) -> int:
+    """Batches assembled and not yet returned: at most size + 1, when the thread holds one more and waits for room
+    in the queue (then it does no work until next() takes one)."""
+    return self._assembled - self._taken
 
   @property
   def skipped(self) -> int:
