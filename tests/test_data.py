@@ -108,17 +108,20 @@ def test_process_slices_cover_the_dataset_once(procedural):
   np.testing.assert_array_equal(np.sort(np.concatenate(ev)), np.arange(11))
 
 
-def test_process_share_gives_the_same_global_batches_for_any_layout():
-  import grain
-  ds = grain.MapDataset.range(10).seed(1).shuffle().repeat(3)  # 30 elements, 7 whole global batches of 4
-  single = list(pipeline.ProcessShare(ds, 0, 1, 4))
-  assert single == [ds[g] for g in range(28)]
-  parts = [list(pipeline.ProcessShare(ds, i, 2, 2)) for i in range(2)]
-  assembled = [x for k in range(7) for part in parts for x in part[2 * k:2 * k + 2]]
-  assert assembled == single
+def test_process_rows_give_the_same_global_batches_for_any_layout_and_element_size():
+  def rows(index, count, local, start=0, per=3):  # positions, flattened out of the elements
+    ds = pipeline.ProcessRows(lambda p: p, 30, index, count, local, start, per)
+    return [p for element in ds for p in element]
+
+  single = rows(0, 1, 4)  # 30 positions: 7 whole global batches of 4
+  assert single == list(range(28)) == rows(0, 1, 4, per=16) == rows(0, 1, 4, per=1)
+  parts = [rows(i, 2, 2) for i in range(2)]
+  assert [x for k in range(7) for part in parts for x in part[2 * k:2 * k + 2]] == single
   # A resume on another layout starts every process at the global batch reached.
-  later = [list(pipeline.ProcessShare(ds, i, 4, 1, start_batch=5)) for i in range(4)]
+  later = [rows(i, 4, 1, start=5) for i in range(4)]
   assert [part[k] for k in range(2) for part in later] == single[20:]
+  assert len(pipeline.ProcessRows(lambda p: p, 30, 0, 1, 4, per_element=3)) == 10  # 28 rows, the last element 1
+
 
 def test_every_epoch_is_a_permutation_and_reshuffled(procedural):
   it = iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=0, process_index=0,
@@ -144,8 +147,9 @@ def test_resume_from_saved_state_yields_identical_batches(procedural, mesh, num_
     return iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=7, mesh=mesh,
                                        num_workers=num_workers))
   it = make()
-  _take(it, 4)  # past the first epoch boundary (24 images = 3 batches)
+  _take(it, 5)  # past the first epoch boundary (24 images = 3 batches), half-way through a grain element
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+  assert state["rows_used"] == 40 % pipeline.ROWS_PER_ELEMENT
   expected = _take(it, 3)
   restored = make()
   restored.set_state(state)
@@ -154,7 +158,7 @@ def test_resume_from_saved_state_yields_identical_batches(procedural, mesh, num_
   restored.close()
   if num_workers:  # worker processes change nothing in the stream
     reference = iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=7, mesh=mesh))
-    _assert_same(_take(reference, 7)[4:], expected)
+    _assert_same(_take(reference, 8)[5:], expected)
 
 
 def test_auto_worker_count_follows_the_host_cores():
@@ -231,6 +235,29 @@ def test_bad_records_are_skipped_counted_and_logged(shards_with_bad_records, cap
   ids = np.concatenate([b["id"] for b in batches])
   assert len(valid) == 15 and it.skipped == 3
   assert sorted(ids[valid]) == [i for i in range(12) if f"k{i}" not in bad]
+
+
+def test_resume_after_skipped_records_yields_identical_batches_and_counts(shards_with_bad_records):
+  src, _ = shards_with_bad_records
+
+  def make():
+    return iter(pipeline.train_dataset(src, global_batch_size=2, augment=AUG, seed=3, num_epochs=3,
+                                       process_index=0, process_count=1))
+  it = make()
+  states, batches = [], []
+  for batch in it:  # 27 good records of 36: 13 batches
+    batches.append(batch)
+    states.append(json.loads(json.dumps(it.get_state())))
+  assert len(batches) == 13 and it.skipped == 9
+  assert any(s["rows_used"] for s in states)  # some batches end inside a grain element
+  for k in (2, 5, 9):
+    restored = make()
+    restored.set_state(states[k])
+    assert restored.skipped == states[k]["skipped"]
+    _assert_same(list(restored), batches[k + 1:])
+    assert restored.skipped == 9
+  with pytest.raises(ValueError, match="start_batch"):  # a state of the per-example layout before
+    make().set_state({"parent": {"next_index": 3}, "skipped": 0, "seen": 3})
 
 
 def test_strict_mode_raises_naming_the_record(shards_with_bad_records):

@@ -515,7 +515,7 @@ def save_checkpoint(mngr, step, state, data_state, config):
 def restore_checkpoint(mngr, step, target):
   """(state, data iterator state, config) of `step`, the state placed on the current mesh per `target`'s
   shardings. The data state is None when the checkpoint was written by another number of processes: each process
-  saved its own iterator, so the run then restarts the stream at global batch `step` (see pipeline.ProcessShare)."""
+  saved its own iterator, so the run then restarts the stream at global batch `step` (see pipeline.ProcessRows)."""
   import grain
   i, n = jax.process_index(), jax.process_count()
   saved = sorted(p.name for p in (mngr.directory / str(step) / "data").glob("process_*-of-*.json"))

@@ -1,8 +1,9 @@
 """SimCLR two-view augmentations and the evaluation transform, in NumPy/OpenCV on the host.
 
-They run inside grain workers, one image at a time, with the `np.random.Generator` that grain's `random_map` derives
-from (pipeline seed, epoch, element index): every sample gets independent randomness, the two views of one image draw
-one after the other from that generator (so they differ), and the whole stream is reproducible for a seed.
+They run inside grain workers, one image at a time, with an `np.random.Generator` keyed by the pipeline's seed and
+the example's position in the stream (`pipeline._shuffled`): every sample gets independent randomness, the two views
+of one image draw one after the other from that generator (so they differ), and the whole stream is reproducible
+for a seed.
 Why on the host and not on device in JAX (`benchmarks/input_bench.py` measures both on the same images; runs in
 benchmarks/results/): at 224 px the OpenCV path ran 2-5x faster than the same recipe as a jitted, vmapped JAX
 function on a CPU backend (per-sample crops of different sizes are one cheap cv2.resize each, while in JAX every crop

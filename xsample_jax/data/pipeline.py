@@ -153,16 +153,20 @@ def _collate(rows: list[dict]) -> dict:
 
 
 class _BatchIterator(grain.DatasetIterator):
-  """Counts and drops (train) or masks (eval) bad records, batches, and optionally makes global jax.Arrays.
+  """Batches the rows of `ProcessRows` elements (lists of rows); counts and drops (train) or masks (eval) bad
+  records; optionally makes global jax.Arrays.
 
   Training stops (BadRecordError) after `limits` = (K, F): K bad records in a row, or a bad fraction above F once
   1000 records were read, rather than search forever for a good one (one host stuck there hangs a whole pod).
+  Its state is the parent's before the element being consumed and how many of its rows were used: a batch may end
+  inside an element (skipped records shift the boundaries), and a restore reads that element again.
   """
 
   def __init__(self, parent, batch_size: int, pad_to: dict | None, sharding, limits=None):
     super().__init__(parent)
     self._batch_size, self._pad_to, self._sharding, self._limits = batch_size, pad_to, sharding, limits
     self._skipped = self._seen = self._in_a_row = 0
+    self._rows, self._used, self._rows_state = [], 0, None  # the element being consumed, and the state before it
 
   @property
   def skipped(self) -> int:
@@ -172,12 +176,19 @@ class _BatchIterator(grain.DatasetIterator):
   def metrics(self) -> dict[str, int]:
     return {"data/skipped_records": self._skipped}
 
+  def _next_row(self) -> dict:
+    if self._used == len(self._rows):
+      self._rows_state = self._parent.get_state()
+      self._rows, self._used = next(self._parent), 0
+    self._used += 1
+    return self._rows[self._used - 1]
+
   def __next__(self):
     rows = []
     while len(rows) < self._batch_size:
-      # Streams come in whole global batches (ProcessShare; evaluation padded with "pad" elements), so the end
-      # falls between batches; a training batch cut short by skipped records is dropped.
-      ex = next(self._parent)
+      # Streams come in whole global batches (ProcessRows; evaluation padded with "pad" rows), so the end falls
+      # between batches; a training batch cut short by skipped records is dropped.
+      ex = self._next_row()
       self._seen += "pad" not in ex
       self._in_a_row = self._in_a_row + 1 if "bad" in ex else 0
       if "bad" in ex:
@@ -206,10 +217,22 @@ class _BatchIterator(grain.DatasetIterator):
           "directory) rather than single bad files")
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "skipped": self._skipped, "seen": self._seen}
+    if self._used == len(self._rows):  # between elements: nothing to read again
+      parent, used = self._parent.get_state(), 0
+    else:
+      parent, used = self._rows_state, self._used
+    return {"parent": parent, "rows_used": used, "skipped": self._skipped, "seen": self._seen}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if "rows_used" not in state:
+      raise ValueError("this iterator state is from a version of xsample_jax that read one example per grain "
+                       "element; its stream position cannot be restored. Resume with start_batch (the global batch "
+                       "the run had reached) instead")
     self._parent.set_state(state["parent"])
+    self._rows, self._used = [], 0
+    if state["rows_used"]:
+      self._rows_state, self._rows = state["parent"], next(self._parent)
+      self._used = int(state["rows_used"])
     self._skipped, self._seen, self._in_a_row = int(state["skipped"]), int(state.get("seen", 0)), 0
 
 
@@ -232,7 +255,8 @@ class Prefetch:
   ready batch while the device runs a step.
 
   get_state() / metrics() are those of the last batch returned, not of the ones read ahead: a checkpoint refers to
-  the batches the step consumed. An error of the pipeline (BadRecordError) or its end reaches next() in order.
+  the batches the step consumed. An error of the pipeline (BadRecordError) or its end reaches next() in order; at
+  the end they include the records read after the last whole batch.
 
   nice: the thread's niceness on Linux (0: the process's own). At 19 it runs on the cores the step leaves idle
   rather than taking turns with XLA's threads mid-op: on 2 cores, beside the smoke step, the fed step measured
@@ -267,8 +291,10 @@ class Prefetch:
         batch = next(self._it)
         self._assembled += 1
         self._put((batch, self._it.get_state(), self._it.metrics(), self._it.skipped))
-    except BaseException as e:  # noqa: BLE001 - every failure, and the end (StopIteration), goes to the consumer
-      self._put(e)
+    except StopIteration as e:  # the end: with the counts of the records read after the last whole batch
+      self._put((e, self._it.get_state(), self._it.metrics(), self._it.skipped))
+    except BaseException as e:  # noqa: BLE001 - every failure goes to the consumer
+      self._put((e, None, None, None))
 
   def _put(self, item):
     while not self._stop.is_set():
@@ -292,10 +318,12 @@ class Prefetch:
 
   def __next__(self):
     item = self._queue.get()
-    if isinstance(item, BaseException):
+    batch, state, metrics, skipped = item
+    if state is not None:  # a batch, or the end
+      self._state, self._metrics, self._skipped = state, metrics, skipped
+    if isinstance(batch, BaseException):
       self._queue.put(item)  # every later call raises it too
-      raise item
-    batch, self._state, self._metrics, self._skipped = item
+      raise batch
     self._taken += 1
     return batch
 
@@ -352,33 +380,60 @@ def _sharding(mesh):
   return batch_sharding(mesh)
 
 
-class ProcessShare(grain.MapDataset):
-  """Process i's share of a stream cut into global batches of count * local_batch elements: rows
-  [i * local_batch, (i + 1) * local_batch) of each, from global batch `start_batch` on.
+class ProcessRows(grain.MapDataset):
+  """Process `index`'s rows of a stream cut into global batches of B = count * local positions, `per_element` rows
+  to a grain element: element e is [fn(position) for each of rows e * per_element ... (e + 1) * per_element - 1].
 
-  Global batch k is then elements [k B, (k + 1) B) of the stream in the same order whatever the number of processes
-  (the global array is the processes' blocks in process order), so 1 x 8 and 2 x 4 devices train on the same data,
-  and a run resumes on another layout by starting each process at the global batch it had reached. Only whole
-  global batches are shared out: a finite stream's last B - 1 elements at most are left, as a lone process would.
+  Row r of the process is row r % local of its block of global batch start_batch + r // local, and global batch k
+  holds stream positions [k B, (k + 1) B), the processes' blocks in process order (as the global array is). So 1 x 8
+  and 2 x 4 devices train on the same data, and a run resumes on another layout by starting each process at the
+  global batch it had reached. Only whole global batches are shared out: a finite stream's last B - 1 positions at
+  most are left, as a lone process would.
+
+  Several rows to a grain element: grain's per-element machinery (its iterator, stats and metrics at every stage)
+  cost ~100-150 us an element on a 2-core host, a third of what the smoke setting's pipeline spent on an example.
+  The batching iterator reassembles batches from these runs of rows.
   """
 
-  def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int, start_batch: int = 0):
-    super().__init__(parent)
-    self._index, self._count, self._local, self._start = index, count, local_batch, start_batch
-    global_batch = count * local_batch
-    self._len = (len(parent) // global_batch - start_batch) * local_batch
+  def __init__(self, fn: Callable[[int], Any], stream_length: int, index: int, count: int, local: int,
+               start_batch: int = 0, per_element: int = 16):
+    super().__init__()
+    self._fn, self._index, self._count, self._local, self._start = fn, index, count, local, start_batch
+    self._per = per_element
+    self._rows = max(0, stream_length // (count * local) - start_batch) * local
+
+  def position(self, row: int) -> int:
+    batch, j = divmod(row, self._local)
+    return ((self._start + batch) * self._count + self._index) * self._local + j
 
   def __len__(self) -> int:
-    return self._len
+    return -(-self._rows // self._per)
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    batch, row = divmod(index, self._local)
-    return self._parent[((self._start + batch) * self._count + self._index) * self._local + row]
+    if not 0 <= index < len(self):
+      raise IndexError(f"element {index} of {len(self)}")
+    first = index * self._per
+    return [self._fn(self.position(r)) for r in range(first, min(first + self._per, self._rows))]
 
   def __str__(self) -> str:
-    return f"ProcessShare(index={self._index}, count={self._count}, local_batch={self._local}, start={self._start})"
+    return (f"ProcessRows(index={self._index}, count={self._count}, local_batch={self._local}, "
+            f"start={self._start}, per_element={self._per})")
+
+
+def _shuffled(position: int, *, source, shuffle_seed: int, rngs: grain.experimental.RngPool, fn) -> dict:
+  """fn(example, generator) for stream position `position`: the source reshuffled every epoch (a seeded permutation
+  of its indices per epoch, computed per index: grain's index_shuffle, as its shuffle() uses), the generator keyed
+  by the position (grain's RngPool, as its random_map() uses), so no two epochs share augmentation randomness."""
+  epoch, i = divmod(position, len(source))
+  index = grain.experimental.index_shuffle(i, max_index=len(source) - 1, seed=(shuffle_seed + epoch) % 2**32,
+                                           rounds=4)
+  rng = rngs.acquire_rng(position)
+  try:
+    return fn(source[index], rng)
+  finally:
+    rngs.release_rng(rng)
 
 
 def host_cores() -> int:
@@ -429,12 +484,17 @@ def resolve_read_threads(read_threads: int, workers: int) -> int:
   return default_read_threads(workers) if read_threads == -1 else read_threads
 
 
-def _to_iter(ds: grain.MapDataset, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
+# Rows (examples) to a grain element (see ProcessRows): enough to make grain's per-element cost small beside the
+# rows' own, few enough that read threads and worker processes still have many elements to share.
+ROWS_PER_ELEMENT = 16
+
+
+def _to_iter(ds: ProcessRows, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
   num_workers = resolve_num_workers(num_workers)
   read_threads = resolve_read_threads(read_threads, num_workers)
   # Enough read-ahead for a batch and a half, so the threads (or each worker's threads) never starve; with no
   # threads, elements are read when asked for.
-  per_worker = max(2, -(-3 * local_batch // (2 * max(1, num_workers))))
+  per_worker = max(2, -(-3 * local_batch // (2 * ROWS_PER_ELEMENT * max(1, num_workers))))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=max(read_threads, per_worker) if read_threads else 0))
   if num_workers:
@@ -453,8 +513,8 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
                   max_bad_fraction: float = 0.5) -> grain.IterDataset:
   """Shuffled (reshuffled every epoch), two-view batches of `global_batch_size` images; endless by default.
 
-  Each process reads only its share of each global batch of the shuffled stream (`ProcessShare`) and augments with
-  a generator keyed by the element's position in the stream, so global batch k (its examples, their order and their
+  Each process reads only its share of each global batch of the shuffled stream (`ProcessRows`) and augments with
+  a generator keyed by the example's position in the stream, so global batch k (its examples, their order and their
   augmentations) does not depend on the number of processes, and no two epochs share augmentation randomness.
   num_workers: grain worker processes running the augmentation (0: grain's read threads in this process; -1: the
   host's default, `default_num_workers()`); read_threads: threads reading and augmenting (per worker; -1: the
@@ -467,10 +527,15 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
   """
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 2, mesh)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle()
-  ds = ds.random_map(functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict,
-                                       tokenize_fn=tokenize_fn))
-  ds = ProcessShare(ds.repeat(num_epochs), process_index, process_count, local, start_batch)
+  if not len(source):
+    raise ValueError("the training source is empty")
+  shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+  example = functools.partial(_shuffled, source=source, shuffle_seed=shuffle_seed,
+                              rngs=grain.experimental.RngPool(augment_seed),
+                              fn=functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict,
+                                                   tokenize_fn=tokenize_fn))
+  stream = sys.maxsize if num_epochs is None else num_epochs * len(source)
+  ds = ProcessRows(example, stream, process_index, process_count, local, start_batch, ROWS_PER_ELEMENT)
   it = _to_iter(ds, num_workers, read_threads, local)
   return _BatchDataset(it, local, None, _sharding(mesh), (max_bad_in_a_row, max_bad_fraction))
 
@@ -487,9 +552,9 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, process_ind
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 1, mesh)
   padded = -(-len(source) // global_batch_size) * global_batch_size
-  ds = ProcessShare(grain.MapDataset.range(padded), process_index, process_count, local)
-  ds = ds.map(functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
-                                embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn))
+  example = functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
+                              embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn)
+  ds = ProcessRows(example, padded, process_index, process_count, local, per_element=ROWS_PER_ELEMENT)
   it = _to_iter(ds, num_workers, read_threads, local)
   # Invalid rows carry the same fields, of the same shapes, as real ones (int fields -1, tokens 0), so every batch
   # has one structure; the token length L is fixed, so the empty caption's tokenisation tells it.
