@@ -21,8 +21,11 @@ host's devices.
 Per case, the step (`train.make_train_step`) runs in alternating phases, --rounds of each:
   in-memory: the first pipeline batch, already on device, every step;
   pipeline:  as the training loop does it: dispatch the step, fetch the next batch (`train.train_iterator` over the
-             real source; the time blocked in next(it) is the data wait), then block on the step's output, so each
-             step is timed on its own (the loop itself syncs only at log steps, which can only hide more).
+             real source; the time blocked in next(it) is the data wait), dispatch the next step.
+Like the loop, which syncs with the device at its log steps only (every 10 steps at the smoke setting), a phase
+blocks on the last step's outputs (--sync phase); its time over its steps is each step's. --sync step blocks after
+every step instead, so each step is timed on its own and a step's dispatch waits for the host thread (a pipeline
+thread holding the GIL then delays it, which the loop's queued dispatches hide).
 An in-memory phase runs --warmup untimed steps (caches settle after the switch), then --steps timed ones; a
 pipeline phase runs --steps timed ones, then waits until the prefetch thread has caught up (assembled every batch it
 may hold: `Prefetch.ready()`), and that wait, spread over the phase's steps, counts as theirs. So every phase starts
@@ -193,10 +196,14 @@ def bench_case(name, args):
           idle.append(clock["data_wait"] - idle_before)
         else:
           state, metrics = step(state, in_memory)
+        if args.sync == "step":
+          jax.block_until_ready((state, metrics))
+          now = time.perf_counter()
+          times.append(now - last)
+          last = now
+      if args.sync == "phase":  # as the trainer's loop runs: the next step is dispatched while one computes
         jax.block_until_ready((state, metrics))
-        now = time.perf_counter()
-        times.append(now - last)
-        last = now
+        times = [(time.perf_counter() - last) / n] * n
       if fed and timed:  # the pipeline's work for these steps that it has not done yet is theirs too
         catch_up = _catch_up(it)
         catch_ups.append(catch_up)
@@ -227,7 +234,7 @@ def bench_case(name, args):
             "workers_used": workers, "read_threads": config.data.read_threads,
             "read_threads_used": pipeline.resolve_read_threads(config.data.read_threads, workers),
             "prefetch_nice": config.data.prefetch_nice, "procedural_keep_mb": config.data.procedural_keep_mb,
-            "settings": args.set, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "settings": args.set, "sync": args.sync, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "devices": jax.device_count(),
             "cpus": pipeline.host_cores(), "rounds": rounds, "steps_per_phase": steps,
             "warmup_per_in_memory_phase": args.warmup, "first_batch_s": round(first_batch, 3),
@@ -257,6 +264,10 @@ def main():
   ap.add_argument("--cases", nargs="+", default=["smoke", "jpeg224"], choices=list(CASES))
   ap.add_argument("--rounds", type=int, default=None, help="in-memory / pipeline phase pairs (default: the case's)")
   ap.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: the case's)")
+  ap.add_argument("--sync", choices=["phase", "step"], default="phase",
+                  help="block on the step's outputs once a phase, as the training loop does at its log steps "
+                       "(each step then dispatched while the one before computes), or after every step (stricter: "
+                       "each step's dispatch then also waits for the host thread)")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each in-memory phase")
   ap.add_argument("--model", default="resnet18", help="jpeg224: the image tower")
   ap.add_argument("--batch", type=int, default=8, help="jpeg224: global images per step (two views each)")
