@@ -514,8 +514,9 @@ def save_checkpoint(mngr, step, state, data_state, config):
 
 def restore_checkpoint(mngr, step, target):
   """(state, data iterator state, config) of `step`, the state placed on the current mesh per `target`'s
-  shardings. The data state is None when the checkpoint was written by another number of processes: each process
-  saved its own iterator, so the run then restarts the stream at global batch `step` (see pipeline.ProcessRows)."""
+  shardings. The data state is None when the checkpoint was written by another number of processes (each process
+  saved its own iterator) or by an older input pipeline: the run then restarts the stream at global batch `step`
+  (see pipeline.ProcessRows)."""
   import grain
   i, n = jax.process_index(), jax.process_count()
   saved = sorted(p.name for p in (mngr.directory / str(step) / "data").glob("process_*-of-*.json"))
@@ -528,7 +529,13 @@ def restore_checkpoint(mngr, step, target):
                     "continues at global batch %d (the same batches, unless bad records were skipped)",
                     saved or "missing", n, step)
   out = mngr.restore(step, args=ocp.args.Composite(**args))
-  return out["state"], data and data.state, out["config"]
+  data_state = data and data.state
+  if data_state is not None and not pipeline.can_restore(data_state):
+    logging.warning("the checkpoint's data iterator was saved by an older version of the input pipeline: the data "
+                    "stream continues at global batch %d (other examples and augmentations than that version's)",
+                    step)
+    data_state = None
+  return out["state"], data_state, out["config"]
 
 
 class CheckpointError(RuntimeError):

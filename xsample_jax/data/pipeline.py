@@ -224,7 +224,7 @@ class _BatchIterator(grain.DatasetIterator):
     return {"parent": parent, "rows_used": used, "skipped": self._skipped, "seen": self._seen}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if "rows_used" not in state:
+    if not can_restore(state):
       raise ValueError("this iterator state is from a version of xsample_jax that read one example per grain "
                        "element; its stream position cannot be restored. Resume with start_batch (the global batch "
                        "the run had reached) instead")
@@ -234,6 +234,12 @@ class _BatchIterator(grain.DatasetIterator):
       self._rows_state, self._rows = state["parent"], next(self._parent)
       self._used = int(state["rows_used"])
     self._skipped, self._seen, self._in_a_row = int(state["skipped"]), int(state.get("seen", 0)), 0
+
+
+def can_restore(state: dict[str, Any]) -> bool:
+  """Whether `state` (an iterator's get_state()) is of this pipeline's layout. States saved before a grain element
+  carried several examples (`ProcessRows`) name a position in a per-example stream instead."""
+  return "rows_used" in state
 
 
 class _BatchDataset(grain.IterDataset):
