@@ -227,6 +227,7 @@ def bench_case(name, args):
     it.close()
     watch.close()
     m_mem, m_fed = statistics.median(mem), statistics.median(fed)
+    fed_rounds, mem_rounds = _chunks(fed, steps), _chunks(mem, steps)
     workers = pipeline.resolve_num_workers(config.data.num_workers)
     return {"bench": "pipeline_vs_in_memory_step", "case": name, "model": config.model.variant,
             "batch_size": config.batch_size, "image_size": config.image_size, "data": config.data.train,
@@ -240,17 +241,17 @@ def bench_case(name, args):
             "warmup_per_in_memory_phase": args.warmup, "first_batch_s": round(first_batch, 3),
             "first_step_s": round(first_step, 2), "step_time_in_memory": round(m_mem, 4),
             "step_time_pipeline": round(m_fed, 4), "ratio": round(m_fed / m_mem, 3),
-            "ratio_ci90": _bootstrap_ratio(_chunks(fed, steps), _chunks(mem, steps)),
+            "ratio_ci90": _bootstrap_ratio(fed_rounds, mem_rounds),
             # Each round's own ratio (its phases run seconds apart): how far one ratio moves within a run.
-            "ratio_by_round": [round(statistics.median(f) / statistics.median(m), 3) for f, m in zip(
-                _chunks(fed, steps), _chunks(mem, steps))],
+            "ratio_by_round": [round(statistics.median(f) / statistics.median(m), 3)
+                               for f, m in zip(fed_rounds, mem_rounds)],
             "catch_up_median_s": round(statistics.median(catch_ups), 4),
             "data_wait_fraction": round(sum(waits) / sum(fed), 4),
             "device_idle_fraction": round(sum(idles) / sum(fed), 4),
             "device_idle_max_s": round(max(idles), 4),
             "data_wait_median_s": round(statistics.median(waits), 4), "data_wait_max_s": round(max(waits), 4),
-            "data_wait_fraction_by_round": [round(sum(w) / sum(t), 4) for w, t in zip(
-                _chunks(waits, steps), _chunks(fed, steps))],
+            "data_wait_fraction_by_round": [round(sum(w) / sum(t), 4)
+                                            for w, t in zip(_chunks(waits, steps), fed_rounds)],
             "images_per_s_in_memory": round(config.batch_size / m_mem, 1),
             "images_per_s_pipeline": round(config.batch_size / m_fed, 1),
             "cpu_s_per_step_in_memory": round(cpu[False] / len(mem), 4),

@@ -386,6 +386,11 @@ def _sharding(mesh):
   return batch_sharding(mesh)
 
 
+# Rows (examples) to a grain element (see ProcessRows): enough to make grain's per-element cost small beside the
+# rows' own, few enough that read threads and worker processes still have many elements to share.
+ROWS_PER_ELEMENT = 16
+
+
 class ProcessRows(grain.MapDataset):
   """Process `index`'s rows of a stream cut into global batches of B = count * local positions, `per_element` rows
   to a grain element: element e is [fn(position) for each of rows e * per_element ... (e + 1) * per_element - 1].
@@ -402,7 +407,7 @@ class ProcessRows(grain.MapDataset):
   """
 
   def __init__(self, fn: Callable[[int], Any], stream_length: int, index: int, count: int, local: int,
-               start_batch: int = 0, per_element: int = 16):
+               start_batch: int = 0, per_element: int = ROWS_PER_ELEMENT):
     super().__init__()
     self._fn, self._index, self._count, self._local, self._start = fn, index, count, local, start_batch
     self._per = per_element
@@ -428,12 +433,12 @@ class ProcessRows(grain.MapDataset):
             f"start={self._start}, per_element={self._per})")
 
 
-def _shuffled(position: int, *, source, shuffle_seed: int, rngs: grain.experimental.RngPool, fn) -> dict:
+def _shuffled(position: int, *, source, length: int, shuffle_seed: int, rngs: grain.experimental.RngPool, fn) -> dict:
   """fn(example, generator) for stream position `position`: the source reshuffled every epoch (a seeded permutation
   of its indices per epoch, computed per index: grain's index_shuffle, as its shuffle() uses), the generator keyed
   by the position (grain's RngPool, as its random_map() uses), so no two epochs share augmentation randomness."""
-  epoch, i = divmod(position, len(source))
-  index = grain.experimental.index_shuffle(i, max_index=len(source) - 1, seed=(shuffle_seed + epoch) % 2**32,
+  epoch, i = divmod(position, length)
+  index = grain.experimental.index_shuffle(i, max_index=length - 1, seed=(shuffle_seed + epoch) % 2**32,
                                            rounds=4)
   rng = rngs.acquire_rng(position)
   try:
@@ -490,11 +495,6 @@ def resolve_read_threads(read_threads: int, workers: int) -> int:
   return default_read_threads(workers) if read_threads == -1 else read_threads
 
 
-# Rows (examples) to a grain element (see ProcessRows): enough to make grain's per-element cost small beside the
-# rows' own, few enough that read threads and worker processes still have many elements to share.
-ROWS_PER_ELEMENT = 16
-
-
 def _to_iter(ds: ProcessRows, num_workers: int, read_threads: int, local_batch: int) -> grain.IterDataset:
   num_workers = resolve_num_workers(num_workers)
   read_threads = resolve_read_threads(read_threads, num_workers)
@@ -536,12 +536,12 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
   if not len(source):
     raise ValueError("the training source is empty")
   shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-  example = functools.partial(_shuffled, source=source, shuffle_seed=shuffle_seed,
+  example = functools.partial(_shuffled, source=source, length=len(source), shuffle_seed=shuffle_seed,
                               rngs=grain.experimental.RngPool(augment_seed),
                               fn=functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict,
                                                    tokenize_fn=tokenize_fn))
   stream = sys.maxsize if num_epochs is None else num_epochs * len(source)
-  ds = ProcessRows(example, stream, process_index, process_count, local, start_batch, ROWS_PER_ELEMENT)
+  ds = ProcessRows(example, stream, process_index, process_count, local, start_batch)
   it = _to_iter(ds, num_workers, read_threads, local)
   return _BatchDataset(it, local, None, _sharding(mesh), (max_bad_in_a_row, max_bad_fraction))
 
@@ -560,7 +560,7 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, process_ind
   padded = -(-len(source) // global_batch_size) * global_batch_size
   example = functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
                               embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn)
-  ds = ProcessRows(example, padded, process_index, process_count, local, per_element=ROWS_PER_ELEMENT)
+  ds = ProcessRows(example, padded, process_index, process_count, local)
   it = _to_iter(ds, num_workers, read_threads, local)
   # Invalid rows carry the same fields, of the same shapes, as real ones (int fields -1, tokens 0), so every batch
   # has one structure; the token length L is fixed, so the empty caption's tokenisation tells it.
