@@ -29,7 +29,7 @@ thread holding the GIL then delays it, which the loop's queued dispatches hide).
 An in-memory phase runs --warmup untimed steps (caches settle after the switch), then --steps timed ones; a
 pipeline phase runs --steps timed ones, then waits until the prefetch thread has caught up (assembled every batch it
 may hold: `Prefetch.ready()`), and that wait, spread over the phase's steps, counts as theirs. So every phase starts
-with a full read-ahead and leaves no pipeline work to the next one: with the thread at nice 19 on a busy host it
+with a full read-ahead and leaves no pipeline work to the next one: with the thread at low priority on a busy host it
 lags the step, and the read-ahead it then refills during an in-memory phase would otherwise be charged there.
 Short phases, many of them: this kind of host's speed drifts by 10-40% over seconds, more than the pipeline's share
 of the step, so only finely interleaved phases see the same host. One JSON line per case: medians of the per-step
@@ -234,7 +234,7 @@ def bench_case(name, args):
             "source_records": len(source), "num_workers": config.data.num_workers,
             "workers_used": workers, "read_threads": config.data.read_threads,
             "read_threads_used": pipeline.resolve_read_threads(config.data.read_threads, workers),
-            "prefetch_nice": config.data.prefetch_nice, "procedural_keep_mb": config.data.procedural_keep_mb,
+            "prefetch_priority": config.data.prefetch_priority, "procedural_keep_mb": config.data.procedural_keep_mb,
             "settings": args.set, "sync": args.sync, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "devices": jax.device_count(),
             "cpus": pipeline.host_cores(), "rounds": rounds, "steps_per_phase": steps,
@@ -275,7 +275,7 @@ def main():
   ap.add_argument("--records", type=int, default=512, help="jpeg224: JPEG records written")
   ap.add_argument("--read-threads", type=int, default=None, help="data.read_threads instead of the config's")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                  help="a config setting for every case, e.g. data.prefetch_nice=0 or data.procedural_keep_mb=0")
+                  help="a config setting for every case, e.g. data.prefetch_priority=low or data.procedural_keep_mb=0")
   ap.add_argument("--note", default="", help="free text added to every line")
   args = ap.parse_args()
   for name in args.cases:

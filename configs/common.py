@@ -58,8 +58,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.read_threads = -1  # threads reading and augmenting, in the training process or in each worker (0: the
   #   thread asking for the batch reads); -1: pipeline.default_read_threads (0 in the training process of a host
   #   of up to 4 cores, where the prefetch thread reads, else 8)
-  c.data.prefetch_nice = 19  # niceness of the thread assembling the next training batches (Linux): it runs on the
-  #   cores the step leaves idle; 0: the process's priority (where the step keeps every core busy and waits for data)
+  c.data.prefetch_priority = "idle"  # the thread assembling the next training batches (Linux): 'idle' (SCHED_IDLE:
+  #   it runs on the cores the step leaves idle), 'low' (nice 19) or 'normal' (where the step keeps every core busy
+  #   and waits for data)
   c.data.allow_incomplete_shards = False  # shards:DIR that make_shards has not finished: refused unless True
   c.data.strict = False  # True: a bad record stops training instead of being skipped and counted
   c.data.max_bad_in_a_row = 1000  # stop when this many records in a row are bad (a dataset-wide problem) ...

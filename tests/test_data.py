@@ -305,19 +305,21 @@ def test_prefetch_ready_counts_the_batches_assembled_and_not_yet_returned(proced
   it.close()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_prefetch_thread_runs_at_the_niceness_it_was_given(procedural):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling is Linux's")
+def test_prefetch_thread_runs_at_the_priority_it_was_given(procedural):
   def make(**kw):
     return pipeline.Prefetch(iter(pipeline.train_dataset(procedural, global_batch_size=8, augment=AUG, seed=0,
                                                           process_index=0, process_count=1)), **kw)
-  own = os.getpriority(os.PRIO_PROCESS, 0)
-  for kw, want in (({}, 19), ({"nice": 0}, own), ({"nice": 5}, max(own, 5))):
+  own = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+  for kw, want in (({}, (os.SCHED_IDLE, own[1])), ({"priority": "low"}, (own[0], 19)),
+                   ({"priority": "normal"}, own)):
     it = make(**kw)
     next(it)  # the thread has set its priority before its first batch
-    assert os.getpriority(os.PRIO_PROCESS, it._thread.native_id) == want
+    tid = it._thread.native_id
+    assert (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)) == want, kw
     it.close()
-  with pytest.raises(ValueError, match="prefetch nice must be in"):
-    pipeline.Prefetch(iter([]), nice=20)
+  with pytest.raises(ValueError, match="prefetch priority must be one of"):
+    pipeline.Prefetch(iter([]), priority="high")
 
 
 def test_prefetch_passes_errors_and_the_end_on_in_order(shards_with_bad_records):

@@ -122,7 +122,7 @@ BAD_CONFIGS = [
     ({"data.train": "tfds:no_such_dataset"}, "config.data.train: 'tfds:no_such_dataset' cannot be read"),
     ({"data.num_workers": -2}, r"config.data.num_workers: must be >= 0 .* or -1 \(by the host's cores\), got -2"),
     ({"data.read_threads": -2}, "config.data.read_threads: must be >= 0, or -1"),
-    ({"data.prefetch_nice": 20}, r"config.data.prefetch_nice: must be a niceness in \[0, 19\], got 20"),
+    ({"data.prefetch_priority": "high"}, r"config.data.prefetch_priority: must be one of .*, got 'high'"),
     ({"data.procedural_keep_mb": -1}, "config.data.procedural_keep_mb: must be >= 0"),
     ({"cpu_matmuls": "mkl"}, "config.cpu_matmuls: unknown 'mkl'; valid: auto, eigen, ynnpack"),
 ]

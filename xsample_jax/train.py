@@ -75,8 +75,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
        f"{config.data.num_workers}")
   need(config.data.read_threads >= -1, "data.read_threads",
        f"must be >= 0, or -1 (by the worker count and the host's cores), got {config.data.read_threads}")
-  need(0 <= config.data.prefetch_nice <= 19, "data.prefetch_nice",
-       f"must be a niceness in [0, 19], got {config.data.prefetch_nice}")
+  need(config.data.prefetch_priority in pipeline.PREFETCH_PRIORITIES, "data.prefetch_priority",
+       f"must be one of {pipeline.PREFETCH_PRIORITIES}, got {config.data.prefetch_priority!r}")
   need(config.data.procedural_keep_mb >= 0, "data.procedural_keep_mb",
        f"must be >= 0 (MB; 0 keeps nothing), got {config.data.procedural_keep_mb}")
   need(0 < config.data.train_fraction <= 1, "data.train_fraction", f"must be in (0, 1], got {config.data.train_fraction}")
@@ -239,7 +239,7 @@ def train_iterator(config, source, mesh, start_batch: int = 0, state: dict | Non
   prerender = getattr(source, "prerender", None)
   if prerender is not None:  # a procedural training set kept in memory: rendered while XLA compiles the step
     prerender()
-  return pipeline.Prefetch(it, nice=config.data.prefetch_nice)
+  return pipeline.Prefetch(it, priority=config.data.prefetch_priority)
 
 
 class _DataState:
@@ -741,7 +741,7 @@ def make_extract(config, graphdef, state, mesh, workdir=None):
     parts = []
     # The next batches are read and copied while the towers run; at the process's own priority, since this loop syncs
     # on every batch (2048 smoke images: 0.74-0.84 s against 0.81-0.94 s at nice 19).
-    batches = pipeline.Prefetch(iter(ds), nice=0)
+    batches = pipeline.Prefetch(iter(ds), priority="normal")
     try:
       for batch in batches:
         h, z = embed(state, batch["image"])

@@ -255,6 +255,24 @@ class _BatchDataset(grain.IterDataset):
     return f"BatchGoodRecords(batch_size={self._batch_size}, pad={self._pad_to is not None})"
 
 
+PREFETCH_PRIORITIES = ("idle", "low", "normal")
+
+
+def _lower_this_thread(priority: str) -> None:
+  """Puts the calling thread under SCHED_IDLE ("idle") or at nice 19 ("low") on Linux, where a thread id is a
+  scheduling target; "normal" and other systems leave it as it is."""
+  if priority == "normal" or not sys.platform.startswith("linux"):
+    return
+  tid = threading.get_native_id()
+  try:
+    if priority == "idle":
+      os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    else:
+      os.setpriority(os.PRIO_PROCESS, tid, 19)
+  except OSError as e:  # a sandbox that forbids it: the thread keeps the process's priority
+    logging.warning("could not lower the prefetch thread's priority to %r: %s", priority, e)
+
+
 class Prefetch:
   """Assembles the next `size` batches of a `train_dataset` (or `eval_dataset`) iterator (reading, with no read
   threads; collation, global arrays, their copy to the devices) in a background thread, so the loop's next() takes a
@@ -264,19 +282,23 @@ class Prefetch:
   the batches the step consumed. An error of the pipeline (BadRecordError) or its end reaches next() in order; at
   the end they include the records read after the last whole batch.
 
-  nice: the thread's niceness on Linux (0: the process's own). At 19 it runs on the cores the step leaves idle
-  rather than taking turns with XLA's threads mid-op: on 2 cores, beside the smoke step, the fed step measured
-  1.01-1.04x the in-memory one (5 runs) against 1.07-1.08x at 0 (4 runs), with 0.1-0.6% of it waiting for data.
-  It needs the pipeline's CPU per step to fit in the step's idle time; where it does not (a CPU host whose step
-  keeps every core busy), the step waits for data instead, as the trainer's data_wait metric shows.
+  priority: the thread's scheduling on Linux (elsewhere it keeps the process's):
+    "idle" (SCHED_IDLE): it runs only on a core nothing else wants, and an XLA thread that wakes takes the core back
+      at once. On 2 cores beside the smoke step, the fed step measured 1.007-1.037x the in-memory one (3 runs)
+      against 1.076-1.143x at nice 19 (4 runs) in the same session (benchmarks/pipeline_bench.py).
+    "low" (nice 19): it takes turns with XLA's threads at a small share; a woken XLA thread may wait for its turn,
+      and the op it belongs to waits with it.
+    "normal": the process's priority (a loop that waits on every batch, as evaluation's does).
+  Below normal, it needs the pipeline's CPU per step to fit in the step's idle time; where it does not (a CPU host
+  whose step keeps every core busy), the step waits for data instead, as the trainer's data_wait metric shows.
   """
 
-  def __init__(self, it: _BatchIterator, size: int = 2, nice: int = 19):
+  def __init__(self, it: _BatchIterator, size: int = 2, priority: str = "idle"):
     if size < 1:
       raise ValueError(f"prefetch size must be >= 1, got {size}")
-    if not 0 <= nice <= 19:
-      raise ValueError(f"prefetch nice must be in [0, 19], got {nice}")
-    self._it, self.size, self._nice = it, size, nice
+    if priority not in PREFETCH_PRIORITIES:
+      raise ValueError(f"prefetch priority must be one of {PREFETCH_PRIORITIES}, got {priority!r}")
+    self._it, self.size, self._priority = it, size, priority
     self._state, self._metrics, self._skipped = it.get_state(), it.metrics(), it.skipped
     self._start()
 
@@ -287,11 +309,7 @@ class Prefetch:
     self._thread.start()
 
   def _fill(self):
-    if self._nice and sys.platform.startswith("linux"):  # elsewhere a thread id is not a setpriority target
-      try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
-      except OSError as e:  # a sandbox that forbids it: the thread keeps the process's priority
-        logging.warning("could not lower the prefetch thread's priority: %s", e)
+    _lower_this_thread(self._priority)
     try:
       while not self._stop.is_set():
         batch = next(self._it)
