@@ -110,7 +110,7 @@ def test_process_slices_cover_the_dataset_once(procedural):
 
 def test_process_rows_give_the_same_global_batches_for_any_layout_and_element_size():
   def rows(index, count, local, start=0, per=3):  # positions, flattened out of the elements
-    ds = pipeline.ProcessRows(lambda p: p, 30, index, count, local, start, per)
+    ds = pipeline.ProcessRows(lambda ps: ps, 30, index, count, local, start, per)
     return [p for element in ds for p in element]
 
   single = rows(0, 1, 4)  # 30 positions: 7 whole global batches of 4
@@ -120,7 +120,7 @@ def test_process_rows_give_the_same_global_batches_for_any_layout_and_element_si
   # A resume on another layout starts every process at the global batch reached.
   later = [rows(i, 4, 1, start=5) for i in range(4)]
   assert [part[k] for k in range(2) for part in later] == single[20:]
-  assert len(pipeline.ProcessRows(lambda p: p, 30, 0, 1, 4, per_element=3)) == 10  # 28 rows, the last element 1
+  assert len(pipeline.ProcessRows(lambda ps: ps, 30, 0, 1, 4, per_element=3)) == 10  # 28 rows, the last element 1
 
 
 def test_every_epoch_is_a_permutation_and_reshuffled(procedural):

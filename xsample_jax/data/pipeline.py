@@ -110,26 +110,54 @@ def _checked(ex: dict, embed_dim: int, strict: bool):
   return image, reason
 
 
-def _train_example(ex: dict, rng: np.random.Generator, *, aug: aug_lib.SimCLRAugment, embed_dim: int,
-                   strict: bool, tokenize_fn: TokenizeFn | None = None) -> dict:
-  image, reason = _checked(ex, embed_dim, strict)
-  if reason is not None:
-    return {"bad": reason, "key": ex.get("key", "?")}
-  return {"image": aug_lib.two_views(image, rng, aug), "caption_emb": np.asarray(ex["caption_emb"], np.float32),
-          **_labels(ex), **_tokens(ex.get("caption", ""), tokenize_fn)}
+def _train_rows(positions: list[int], *, source, length: int, shuffle_seed: int, rngs: grain.experimental.RngPool,
+                aug: aug_lib.SimCLRAugment, embed_dim: int, strict: bool,
+                tokenize_fn: TokenizeFn | None = None) -> list[dict]:
+  """The rows of stream positions `positions`: the source reshuffled every epoch (a seeded permutation of its
+  indices per epoch, computed per index: grain's index_shuffle, as its shuffle() uses), each example's two views
+  drawn from a generator keyed by its position (grain's RngPool, as its random_map() uses), so no two epochs share
+  augmentation randomness and a row does not depend on the positions around it. The views of all the good rows are
+  made together (`augment.views`); a bad record's row says why."""
+  rows, good, images, draws = [], [], [], []
+  for position in positions:
+    epoch, i = divmod(position, length)
+    ex = source[grain.experimental.index_shuffle(i, max_index=length - 1, seed=(shuffle_seed + epoch) % 2**32,
+                                                 rounds=4)]
+    image, reason = _checked(ex, embed_dim, strict)
+    if reason is not None:
+      rows.append({"bad": reason, "key": ex.get("key", "?")})
+      continue
+    rng = rngs.acquire_rng(position)
+    try:
+      draws.append(rng.random((2, aug_lib.DRAWS_PER_VIEW)))
+    finally:
+      rngs.release_rng(rng)
+    good.append((len(rows), ex))
+    images.append(image)
+    rows.append(None)
+  if images:
+    for (row, ex), views in zip(good, aug_lib.views(images, np.stack(draws), aug)):
+      rows[row] = {"image": views, "caption_emb": np.asarray(ex["caption_emb"], np.float32), **_labels(ex),
+                   **_tokens(ex.get("caption", ""), tokenize_fn)}
+  return rows
 
 
-def _eval_example(index: int, *, source, size: int, crop_fraction: float, embed_dim: int, strict: bool,
-                  tokenize_fn: TokenizeFn | None = None) -> dict:
-  if index >= len(source):
-    return {"pad": True}
-  ex = source[index]
-  image, reason = _checked(ex, embed_dim, strict)
-  if reason is not None:
-    return {"bad": reason, "key": ex.get("key", "?")}
-  return {"image": aug_lib.eval_view(image, size, crop_fraction)[None],
-          "caption_emb": np.asarray(ex["caption_emb"], np.float32), **_labels(ex),
-          **_tokens(ex.get("caption", ""), tokenize_fn), "valid": np.bool_(True)}
+def _eval_rows(indices: list[int], *, source, size: int, crop_fraction: float, embed_dim: int, strict: bool,
+               tokenize_fn: TokenizeFn | None = None) -> list[dict]:
+  rows = []
+  for index in indices:
+    if index >= len(source):
+      rows.append({"pad": True})
+      continue
+    ex = source[index]
+    image, reason = _checked(ex, embed_dim, strict)
+    if reason is not None:
+      rows.append({"bad": reason, "key": ex.get("key", "?")})
+      continue
+    rows.append({"image": aug_lib.eval_view(image, size, crop_fraction)[None],
+                 "caption_emb": np.asarray(ex["caption_emb"], np.float32), **_labels(ex),
+                 **_tokens(ex.get("caption", ""), tokenize_fn), "valid": np.bool_(True)})
+  return rows
 
 
 def _filler(pad_to: dict) -> dict:
@@ -411,7 +439,8 @@ ROWS_PER_ELEMENT = 16
 
 class ProcessRows(grain.MapDataset):
   """Process `index`'s rows of a stream cut into global batches of B = count * local positions, `per_element` rows
-  to a grain element: element e is [fn(position) for each of rows e * per_element ... (e + 1) * per_element - 1].
+  to a grain element: element e is fn(the positions of rows e * per_element ... (e + 1) * per_element - 1), a list
+  of rows, one per position (fn may make them together: the training views are).
 
   Row r of the process is row r % local of its block of global batch start_batch + r // local, and global batch k
   holds stream positions [k B, (k + 1) B), the processes' blocks in process order (as the global array is). So 1 x 8
@@ -424,7 +453,7 @@ class ProcessRows(grain.MapDataset):
   The batching iterator reassembles batches from these runs of rows.
   """
 
-  def __init__(self, fn: Callable[[int], Any], stream_length: int, index: int, count: int, local: int,
+  def __init__(self, fn: Callable[[list[int]], list[Any]], stream_length: int, index: int, count: int, local: int,
                start_batch: int = 0, per_element: int = ROWS_PER_ELEMENT):
     super().__init__()
     self._fn, self._index, self._count, self._local, self._start = fn, index, count, local, start_batch
@@ -444,25 +473,11 @@ class ProcessRows(grain.MapDataset):
     if not 0 <= index < len(self):
       raise IndexError(f"element {index} of {len(self)}")
     first = index * self._per
-    return [self._fn(self.position(r)) for r in range(first, min(first + self._per, self._rows))]
+    return self._fn([self.position(r) for r in range(first, min(first + self._per, self._rows))])
 
   def __str__(self) -> str:
     return (f"ProcessRows(index={self._index}, count={self._count}, local_batch={self._local}, "
             f"start={self._start}, per_element={self._per})")
-
-
-def _shuffled(position: int, *, source, length: int, shuffle_seed: int, rngs: grain.experimental.RngPool, fn) -> dict:
-  """fn(example, generator) for stream position `position`: the source reshuffled every epoch (a seeded permutation
-  of its indices per epoch, computed per index: grain's index_shuffle, as its shuffle() uses), the generator keyed
-  by the position (grain's RngPool, as its random_map() uses), so no two epochs share augmentation randomness."""
-  epoch, i = divmod(position, length)
-  index = grain.experimental.index_shuffle(i, max_index=length - 1, seed=(shuffle_seed + epoch) % 2**32,
-                                           rounds=4)
-  rng = rngs.acquire_rng(position)
-  try:
-    return fn(source[index], rng)
-  finally:
-    rngs.release_rng(rng)
 
 
 def host_cores() -> int:
@@ -554,12 +569,11 @@ def train_dataset(source, *, global_batch_size: int, augment: aug_lib.SimCLRAugm
   if not len(source):
     raise ValueError("the training source is empty")
   shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-  example = functools.partial(_shuffled, source=source, length=len(source), shuffle_seed=shuffle_seed,
-                              rngs=grain.experimental.RngPool(augment_seed),
-                              fn=functools.partial(_train_example, aug=augment, embed_dim=embed_dim, strict=strict,
-                                                   tokenize_fn=tokenize_fn))
+  rows = functools.partial(_train_rows, source=source, length=len(source), shuffle_seed=shuffle_seed,
+                           rngs=grain.experimental.RngPool(augment_seed), aug=augment, embed_dim=embed_dim,
+                           strict=strict, tokenize_fn=tokenize_fn)
   stream = sys.maxsize if num_epochs is None else num_epochs * len(source)
-  ds = ProcessRows(example, stream, process_index, process_count, local, start_batch)
+  ds = ProcessRows(rows, stream, process_index, process_count, local, start_batch)
   it = _to_iter(ds, num_workers, read_threads, local)
   return _BatchDataset(it, local, None, _sharding(mesh), (max_bad_in_a_row, max_bad_fraction))
 
@@ -576,9 +590,9 @@ def eval_dataset(source, *, global_batch_size: int, image_size: int, process_ind
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(global_batch_size, process_count, 1, mesh)
   padded = -(-len(source) // global_batch_size) * global_batch_size
-  example = functools.partial(_eval_example, source=source, size=image_size, crop_fraction=crop_fraction,
-                              embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn)
-  ds = ProcessRows(example, padded, process_index, process_count, local)
+  rows = functools.partial(_eval_rows, source=source, size=image_size, crop_fraction=crop_fraction,
+                           embed_dim=embed_dim, strict=strict, tokenize_fn=tokenize_fn)
+  ds = ProcessRows(rows, padded, process_index, process_count, local)
   it = _to_iter(ds, num_workers, read_threads, local)
   # Invalid rows carry the same fields, of the same shapes, as real ones (int fields -1, tokens 0), so every batch
   # has one structure; the token length L is fixed, so the empty caption's tokenisation tells it.
