@@ -35,18 +35,18 @@ def test_views_deterministic_for_their_draws_different_from_each_other_and_alone
   views = augment.views([img] * 30, _draws(0, 30), AUG)
   assert np.mean([np.array_equal(v[0], v[1]) for v in views]) == 0
   assert views.min() < 30 and views.max() > 225
-  # An image's views are the same made alone or in a stack of images of other sizes (the ops run on sub-stacks).
+  # An image's views are the same made alone or beside images of other sizes.
   images = [_image(40 + 3 * i, 56 - 2 * i, seed=i) for i in range(12)]
   u = _draws(7, 12, 3)
   stacked = augment.views(images, u, AUG)
   for i in range(12):
     np.testing.assert_array_equal(stacked[i], augment.views([images[i]], u[i:i + 1], AUG)[0])
-  # Jitter keeps the images' shape and type whatever the draw, and leaves the caller's array alone.
-  x = np.stack([_image(seed=s) for s in range(20)])
-  before = x.copy()
-  y = augment.color_jitter(x, np.random.default_rng(0).random((20, 8)), 1.0)
-  assert y.shape == x.shape and y.dtype == np.uint8 and not np.array_equal(y, x)
-  np.testing.assert_array_equal(x, before)
+  # Jitter keeps the image's shape and type whatever the draw, and leaves the caller's array alone.
+  before = img.copy()
+  for s in range(20):
+    y = augment.color_jitter(img, np.random.default_rng(s).random(8), 1.0)
+    assert y.shape == img.shape and y.dtype == np.uint8 and not np.array_equal(y, img)
+  np.testing.assert_array_equal(img, before)
 
 
 def _exact_hue(x, turn):
@@ -59,22 +59,22 @@ def _exact_hue(x, turn):
 
 def test_jitter_ops_agree_with_pil_image_enhance():
   """Brightness, contrast and saturation against PIL's ImageEnhance (what torchvision's ColorJitter runs on PIL
-  images), which truncates where this rounds: the same or one level above, never more than two; hue against the
-  rotation in float64 HSV, rounded. Each on a stack of 20 images, a factor each."""
+  images), which truncates where OpenCV rounds: the same or one level above, never more than two; hue against the
+  rotation in float64 HSV, rounded."""
   from PIL import Image, ImageEnhance
-  x = np.stack([_image(seed=seed) for seed in range(20)])
-  f = np.random.default_rng(0).uniform(0.2, 1.8, 20)
+  rng = np.random.default_rng(0)
   pil = {augment.adjust_brightness: ImageEnhance.Brightness, augment.adjust_contrast: ImageEnhance.Contrast,
          augment.adjust_saturation: ImageEnhance.Color}
   for ours, enhance in pil.items():
-    want = np.stack([np.array(enhance(Image.fromarray(xi)).enhance(fi)) for xi, fi in zip(x, f)])
-    d = ours(x, f).astype(int) - want.astype(int)
+    diffs = []
+    for seed in range(20):
+      x, f = _image(seed=seed), rng.uniform(0.2, 1.8)
+      diffs.append(ours(x, f).astype(int) - np.array(enhance(Image.fromarray(x)).enhance(f)).astype(int))
+    d = np.stack(diffs)
     assert -1 <= d.min() and d.max() <= 2 and 0.2 < d.mean() < 0.6, (ours.__name__, d.min(), d.max(), d.mean())
-  turns = np.array([-1.3, -0.5, -0.1, 0.0, 0.2, 0.5, 1.0, 2.7])
-  x = np.stack([_image(20, 28, seed=seed) for seed in range(len(turns))])
-  y = augment.adjust_hue(x, turns)
-  for xi, yi, turn in zip(x, y, turns):
-    assert np.abs(yi - _exact_hue(xi, turn)).max() <= 0.5 + 1e-3, turn
+  for seed, turn in enumerate([-1.3, -0.5, -0.1, 0.0, 0.2, 0.5, 1.0, 2.7]):
+    x = _image(20, 28, seed=seed)
+    assert np.abs(augment.adjust_hue(x, turn) - _exact_hue(x, turn)).max() <= 0.5 + 1e-3, turn
 
 
 def test_crop_boxes_respect_scale_and_ratio():
@@ -96,7 +96,7 @@ def test_jitter_grayscale_and_blur_match_numpy_references():
   x = _image(24, 24)
   gray = x.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
   # Strength 0 leaves colours alone.
-  np.testing.assert_array_equal(augment.color_jitter(x[None], np.random.default_rng(0).random((1, 8)), 0.0)[0], x)
+  np.testing.assert_array_equal(augment.color_jitter(x, np.random.default_rng(0).random(8), 0.0), x)
   only_gray = augment.SimCLRAugment(size=24, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False,
                                     jitter_prob=0.0, grayscale_prob=1.0, blur_prob=0.0)
   out = augment.views([x], _draws(0, views=1), only_gray)[0, 0]

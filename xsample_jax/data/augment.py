@@ -62,7 +62,7 @@ class SimCLRAugment:
 # blur gate and sigma, solarize gate. A fixed count per view, drawn in one call per image.
 _CROP_TRIES = 10
 DRAWS_PER_VIEW = 2 * _CROP_TRIES + 16
-_TOP, _FLIP, _JITTER, _ORDER, _FACTORS, _GRAY, _BLUR, _SIGMA, _SOLARIZE = 20, 22, 23, 24, 28, 32, 33, 34, 35
+_TOP, _FLIP, _JITTER, _ORDER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = 20, 22, 23, 24, 32, 33, 34, 35
 
 
 def crop_boxes(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale, ratio) -> np.ndarray:
@@ -91,90 +91,70 @@ def crop_boxes(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale, ra
   return np.stack([top, left, h, w], 1)
 
 
-def _resize(image: np.ndarray, size: tuple[int, int], dst: np.ndarray | None = None) -> np.ndarray:
-  """Resize to (h, w) (into dst if given); area averaging when shrinking (no aliasing), bilinear when growing."""
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Resize to (h, w); area averaging when shrinking (no aliasing), bilinear when growing."""
   h, w = size
   shrink = h < image.shape[0] or w < image.shape[1]
-  return cv2.resize(image, (w, h), dst=dst, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+  return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 # Solarize as a lookup table: a level below 128 stays, one at or above becomes 255 - level.
 _SOLARIZE_LUT = np.where(np.arange(256) < 128, np.arange(256), 255 - np.arange(256)).astype(np.uint8)
 
 
-# The colour ops work on a stack of images, uint8 [m, H, W, 3] RGB, with one factor per image, and return uint8,
-# rounded and clipped. OpenCV's per-pixel conversions run on the stack as one tall image [m H, W, 3]; the blends
-# are float32 NumPy over the stack. So a batch of small views costs a few calls, not a few per view.
-# Each blends the image with a degenerate one, as PIL's ImageEnhance does (what torchvision's ColorJitter runs on
-# PIL images, the path of the PyTorch SimCLR and SupCon code); PIL truncates where this rounds (tested to agree
-# within a level or two).
-
-def _tall(x: np.ndarray) -> np.ndarray:
-  return x.reshape(-1, *x.shape[2:])
-
+# The jitter ops on uint8 RGB. Each blends the image with a degenerate one, as PIL's ImageEnhance does (what
+# torchvision's ColorJitter runs on PIL images, the path of the PyTorch SimCLR and SupCon code), and returns a uint8
+# image, rounded and clipped (PIL truncates: tested to agree within a level or two). One OpenCV pass or a few each,
+# per image: float32 NumPy blends over a whole stack of views, a call per op, ran 2x slower at 224 px and no faster
+# at 32 px.
 
 def gray(x: np.ndarray) -> np.ndarray:
-  """uint8 [m, H, W]: the ITU-R 601 luma of each pixel, rounded (PIL's and torchvision's grayscale)."""
-  return cv2.cvtColor(_tall(x), cv2.COLOR_RGB2GRAY).reshape(x.shape[:3])
+  """uint8 [H, W]: the ITU-R 601 luma of each pixel of uint8 RGB, rounded (PIL's and torchvision's grayscale)."""
+  return cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
 
 
-def _per_image(f: np.ndarray) -> np.ndarray:
-  return np.asarray(f, np.float32).reshape(-1, 1, 1, 1)
+def _blend(x: np.ndarray, f: float, y: np.ndarray | None = None, offset: float = 0.0) -> np.ndarray:
+  """uint8 x * f + y * (1 - f) + offset (y = None: nothing), rounded and clipped to [0, 255] in one cv2 pass."""
+  return cv2.addWeighted(x, f, x if y is None else y, 0.0 if y is None else 1.0 - f, offset)
 
 
-def _to_uint8(y: np.ndarray) -> np.ndarray:
-  np.rint(y, out=y)
-  return np.clip(y, 0, 255, out=y).astype(np.uint8)
-
-
-def adjust_brightness(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def adjust_brightness(x: np.ndarray, factor: float) -> np.ndarray:
   """Blend with black: x * factor."""
-  return _to_uint8(np.multiply(x, _per_image(factor), dtype=np.float32))
+  return _blend(x, factor)
 
 
-def adjust_contrast(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
   """Blend with the image's mean grey level."""
-  f = _per_image(factor)
-  mean = gray(x).reshape(len(x), -1).mean(1, dtype=np.float32).reshape(-1, 1, 1, 1)
-  return _to_uint8(np.multiply(x, f, dtype=np.float32) + mean * (1 - f))
+  return _blend(x, factor, offset=cv2.mean(gray(x))[0] * (1 - factor))
 
 
-def adjust_saturation(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
   """Blend with each pixel's grey level."""
-  f = _per_image(factor)
-  return _to_uint8(np.multiply(x, f, dtype=np.float32) + gray(x)[..., None] * (1 - f))
+  return _blend(x, factor, cv2.cvtColor(gray(x), cv2.COLOR_GRAY2RGB))
 
 
-def adjust_hue(x: np.ndarray, turn: np.ndarray) -> np.ndarray:
+def adjust_hue(x: np.ndarray, turn: float) -> np.ndarray:
   """Turn every pixel's hue by `turn` of a full circle. In float32 HSV: OpenCV's (and PIL's) 8-bit HSV moves dark,
   greyish pixels by up to 7 levels even for a zero turn."""
-  hsv = cv2.cvtColor(_tall(x).astype(np.float32), cv2.COLOR_RGB2HSV).reshape(x.shape)  # H in [0, 360)
-  # In [0, 720): OpenCV's way back wraps hues of 360 and more (not negative ones).
-  hsv[..., 0] += (np.asarray(turn, np.float32) * 360.0 % 360.0).reshape(-1, 1, 1)
-  return cv2.convertScaleAbs(cv2.cvtColor(_tall(hsv), cv2.COLOR_HSV2RGB)).reshape(x.shape)  # rounded, clipped
+  hsv = cv2.cvtColor(x.astype(np.float32), cv2.COLOR_RGB2HSV)  # H in [0, 360); V (and RGB back) in [0, 255]
+  hue = hsv[..., 0]
+  hue += turn * 360.0 % 360.0  # in [0, 720): OpenCV's way back wraps hues of 360 and more (not negative ones)
+  return cv2.convertScaleAbs(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))  # rounded and clipped to uint8
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 def color_jitter(x: np.ndarray, u: np.ndarray, strength: float) -> np.ndarray:
-  """Brightness, contrast, saturation and hue in a random order per image, with factors drawn as torchvision's
-  ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) draws them, on uint8 [m, H, W, 3] (a new array); u [m, 8]: each image's
-  uniform draws, 4 for the order (their argsort) and 4 for the factors.
-
-  Each op runs once per position in the order on the images that take it there: 16 calls on sub-stacks for the
-  whole stack. Per image on uint8, OpenCV's calls cost ~4-20 us each at 32 px, most of it per call.
-  """
+  """Brightness, contrast, saturation and hue in a random order, with factors drawn as torchvision's
+  ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) draws them, on a uint8 RGB image; u: 8 uniform draws, 4 for the order
+  (their argsort: a uniform permutation) and 4 for the factors."""
   b, h = 0.8 * strength, 0.2 * strength
   lo = max(0.0, 1 - b)
-  factors = np.concatenate([lo + (1 + b - lo) * u[:, 4:7], -h + 2 * h * u[:, 7:8]], 1)
-  order = np.argsort(u[:, :4], axis=1)
-  x = x.copy()
-  for slot in range(4):
-    for op, fn in enumerate(_JITTER_OPS):
-      take = np.flatnonzero(order[:, slot] == op)
-      if take.size:
-        x[take] = fn(x[take], factors[take, op])
+  u = u.tolist()
+  factors = (lo + (1 + b - lo) * u[4], lo + (1 + b - lo) * u[5], lo + (1 + b - lo) * u[6], -h + 2 * h * u[7])
+  for op in sorted(range(4), key=u.__getitem__):
+    x = _JITTER_OPS[op](x, factors[op])
   return x
 
 
@@ -188,33 +168,35 @@ def views(images: Sequence[np.ndarray], u: np.ndarray, aug: SimCLRAugment) -> np
   """uint8 [n, V, size, size, 3]: V SimCLR views of each of n uint8 RGB images (any sizes), view j of image i
   drawn from u[i, j] (uniform draws, [n, V, DRAWS_PER_VIEW]).
 
-  The crop and resize run per view (one cv2.resize each); flips, the colour ops and grayscale on the stack of
-  views, so a batch of small views costs a few NumPy/OpenCV calls each, not a few per view.
+  The random parameters of all the views are computed together from the draws, as arrays (a few NumPy calls for
+  the lot instead of a dozen generator calls a view); each view is then cropped, resized and coloured with OpenCV
+  on uint8.
   """
   n, v = u.shape[:2]
   u = u.reshape(n * v, DRAWS_PER_VIEW)
   which = np.repeat(np.arange(n), v)
-  heights = np.array([im.shape[0] for im in images])[which]
-  widths = np.array([im.shape[1] for im in images])[which]
-  boxes = crop_boxes(u, heights, widths, aug.crop_scale, aug.crop_ratio).tolist()
+  boxes = crop_boxes(u, np.array([im.shape[0] for im in images])[which],
+                     np.array([im.shape[1] for im in images])[which], aug.crop_scale, aug.crop_ratio).tolist()
+  flip = (aug.flip & (u[:, _FLIP] < 0.5)).tolist()
+  jitter = (u[:, _JITTER] < aug.jitter_prob).tolist()
+  grey = (u[:, _GRAY] < aug.grayscale_prob).tolist()
+  blur = (u[:, _BLUR] < aug.blur_prob).tolist()
+  sigma = (aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[:, _SIGMA]).tolist()
+  solar = (u[:, _SOLARIZE] < aug.solarize_prob).tolist()
   out = np.empty((n * v, aug.size, aug.size, 3), np.uint8)
   for i, (top, left, h, w) in enumerate(boxes):
-    _resize(images[which[i]][top:top + h, left:left + w], (aug.size, aug.size), dst=out[i])
-  if aug.flip:
-    flip = np.flatnonzero(u[:, _FLIP] < 0.5)
-    out[flip] = out[flip, :, ::-1]
-  jitter = np.flatnonzero(u[:, _JITTER] < aug.jitter_prob)
-  if jitter.size:
-    out[jitter] = color_jitter(out[jitter], u[jitter, _ORDER:_GRAY], aug.jitter_strength)
-  grey = np.flatnonzero(u[:, _GRAY] < aug.grayscale_prob)
-  if grey.size:
-    out[grey] = gray(out[grey])[..., None]
-  for i in np.flatnonzero(u[:, _BLUR] < aug.blur_prob).tolist():
-    lo, hi = aug.blur_sigma
-    out[i] = gaussian_blur(out[i], lo + (hi - lo) * u[i, _SIGMA])
-  solar = np.flatnonzero(u[:, _SOLARIZE] < aug.solarize_prob)
-  if solar.size:
-    out[solar] = _SOLARIZE_LUT[out[solar]]
+    x = _resize(images[i // v][top:top + h, left:left + w], (aug.size, aug.size))
+    if flip[i]:
+      x = cv2.flip(x, 1)
+    if jitter[i]:
+      x = color_jitter(x, u[i, _ORDER:_GRAY], aug.jitter_strength)
+    if grey[i]:
+      x = cv2.cvtColor(gray(x), cv2.COLOR_GRAY2RGB)
+    if blur[i]:
+      x = gaussian_blur(x, sigma[i])
+    if solar[i]:
+      x = cv2.LUT(x, _SOLARIZE_LUT)
+    out[i] = x
   return out.reshape(n, v, aug.size, aug.size, 3)
 
 
