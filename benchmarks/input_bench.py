@@ -10,10 +10,11 @@ same recipe (random resized crop, flip, colour jitter, grayscale, blur, solarize
 jitted, vmapped JAX function on the default backend. Printed: host-only images/s of that lighter host stage, device
 augmentation images/s, and their serial combination (both on one machine's cores, as on a CPU-only host).
 
-  python -m benchmarks.input_bench [--seconds 8] [--batch 64] [--workers 0 1 2] [--only grain|jax]
+  python -m benchmarks.input_bench [--seconds 8] [--batch 64] [--workers 0 1 2] [--only grain|jax] [--kept]
 
 JSON lines, one per measurement: {"bench", "resolution", "workers", "images_per_s", ...}: pipelines as whole-window
-throughput after a warm-up, the device function as the median of per-call times.
+throughput after a warm-up (with no workers also the process's CPU per batch), the device function as the median
+of per-call times.
 """
 from __future__ import annotations
 
@@ -71,9 +72,13 @@ def bench_grain(source, size: int, batch: int, workers: int, seconds: float) -> 
   t = time.perf_counter()
   next(it)
   first = time.perf_counter() - t
+  cpu = time.process_time()
   rate, n = _rate(it, batch, seconds)
+  cpu = time.process_time() - cpu
   it.close()
-  return {"images_per_s": round(rate, 1), "batches": n, "first_batch_s": round(first, 2)}
+  # With no workers every thread of the pipeline is this process's: its CPU per batch (the warm-up's included).
+  return {"images_per_s": round(rate, 1), "batches": n, "first_batch_s": round(first, 2),
+          "cpu_ms_per_batch": round(cpu / (n + 2) * 1e3, 2) if workers == 0 else None}
 
 
 # ---- the on-device alternative: the same recipe in JAX, one jitted call per batch ----
@@ -195,6 +200,9 @@ def main():
   p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--only", choices=["grain", "jax"])
   p.add_argument("--resolutions", nargs="+", default=["smoke", "224"])
+  p.add_argument("--kept", action="store_true",
+                 help="smoke: render the images once and keep them (as the trainer does, data.procedural_keep_mb), "
+                      "so the pipeline's work is everything but the rendering")
   args = p.parse_args()
   meta = {"cpus": os.cpu_count()}
   with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +210,11 @@ def main():
     if "224" in args.resolutions:
       setups["224"] = (_jpeg_shards(tmp, 512), 256, 224)
     if "smoke" in args.resolutions:
-      setups["smoke"] = (sources.procedural_source("train", 50_000, image_size=64), 64, 32)
+      smoke = sources.procedural_source("train", 8192 if args.kept else 50_000, image_size=64,
+                                        keep_rendered=args.kept)
+      if args.kept:
+        smoke.prerender().join()
+      setups["smoke"] = (smoke, 64, 32)
     for res, (src, side, size) in setups.items():
       if args.only != "jax":
         for w in args.workers:

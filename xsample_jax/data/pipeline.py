@@ -312,8 +312,9 @@ class Prefetch:
 
   priority: the thread's scheduling on Linux (elsewhere it keeps the process's):
     "idle" (SCHED_IDLE): it runs only on a core nothing else wants, and an XLA thread that wakes takes the core back
-      at once. On 2 cores beside the smoke step, the fed step measured 1.007-1.037x the in-memory one (3 runs)
-      against 1.076-1.143x at nice 19 (4 runs) in the same session (benchmarks/pipeline_bench.py).
+      at once. On 2 cores beside the smoke step, in three alternated pairs of runs, the fed step measured
+      1.021-1.075x the in-memory one against 1.074-1.133x at nice 19, 5-6% lower in each pair
+      (benchmarks/pipeline_bench.py).
     "low" (nice 19): it takes turns with XLA's threads at a small share; a woken XLA thread may wait for its turn,
       and the op it belongs to waits with it.
     "normal": the process's priority (a loop that waits on every batch, as evaluation's does).
