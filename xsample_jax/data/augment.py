@@ -83,7 +83,7 @@ def crop_boxes(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale, ra
   # No try fits: the central crop with the aspect ratio clamped into range.
   none = ~fits[rows, first]
   in_ratio = widths / heights
-  fw = np.where(in_ratio < ratio[0], widths, np.where(in_ratio > ratio[1], np.rint(heights * ratio[1]), widths))
+  fw = np.where(in_ratio > ratio[1], np.rint(heights * ratio[1]), widths)
   fh = np.where(in_ratio < ratio[0], np.rint(widths / ratio[0]), heights)
   w, h = np.where(none, fw, w).astype(np.int64), np.where(none, fh, h).astype(np.int64)
   top = np.where(none, (heights - h) // 2, (u[:, _TOP] * (heights - h + 1)).astype(np.int64))
@@ -113,6 +113,11 @@ def gray(x: np.ndarray) -> np.ndarray:
   return cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
 
 
+def _gray3(x: np.ndarray) -> np.ndarray:
+  """gray(x) in all three channels."""
+  return cv2.cvtColor(gray(x), cv2.COLOR_GRAY2RGB)
+
+
 def _blend(x: np.ndarray, f: float, y: np.ndarray | None = None, offset: float = 0.0) -> np.ndarray:
   """uint8 x * f + y * (1 - f) + offset (y = None: nothing), rounded and clipped to [0, 255] in one cv2 pass."""
   return cv2.addWeighted(x, f, x if y is None else y, 0.0 if y is None else 1.0 - f, offset)
@@ -130,7 +135,7 @@ def adjust_contrast(x: np.ndarray, factor: float) -> np.ndarray:
 
 def adjust_saturation(x: np.ndarray, factor: float) -> np.ndarray:
   """Blend with each pixel's grey level."""
-  return _blend(x, factor, cv2.cvtColor(gray(x), cv2.COLOR_GRAY2RGB))
+  return _blend(x, factor, _gray3(x))
 
 
 def adjust_hue(x: np.ndarray, turn: float) -> np.ndarray:
@@ -174,9 +179,8 @@ def views(images: Sequence[np.ndarray], u: np.ndarray, aug: SimCLRAugment) -> np
   """
   n, v = u.shape[:2]
   u = u.reshape(n * v, DRAWS_PER_VIEW)
-  which = np.repeat(np.arange(n), v)
-  boxes = crop_boxes(u, np.array([im.shape[0] for im in images])[which],
-                     np.array([im.shape[1] for im in images])[which], aug.crop_scale, aug.crop_ratio).tolist()
+  heights, widths = np.repeat([im.shape[:2] for im in images], v, axis=0).T
+  boxes = crop_boxes(u, heights, widths, aug.crop_scale, aug.crop_ratio).tolist()
   flip = (aug.flip & (u[:, _FLIP] < 0.5)).tolist()
   jitter = (u[:, _JITTER] < aug.jitter_prob).tolist()
   grey = (u[:, _GRAY] < aug.grayscale_prob).tolist()
@@ -191,7 +195,7 @@ def views(images: Sequence[np.ndarray], u: np.ndarray, aug: SimCLRAugment) -> np
     if jitter[i]:
       x = color_jitter(x, u[i, _ORDER:_GRAY], aug.jitter_strength)
     if grey[i]:
-      x = cv2.cvtColor(gray(x), cv2.COLOR_GRAY2RGB)
+      x = _gray3(x)
     if blur[i]:
       x = gaussian_blur(x, sigma[i])
     if solar[i]:
