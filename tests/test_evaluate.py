@@ -81,3 +81,26 @@ def test_evaluate_cli_on_an_earlier_checkpoint(tiny_run):
   bad = subprocess.run([sys.executable, "-m", "xsample_jax.evaluate", f"--workdir={workdir}", "--step=3"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "no checkpoint at step 3" in bad.stderr + bad.stdout
+
+
+def test_a_saved_config_without_a_newer_key_takes_its_default(tmp_path):
+  """A run saved before a config key existed still evaluates: the key comes from today's defaults, everything the
+  run saved (and keys only it has, such as a retired one) stays as saved."""
+  import orbax.checkpoint as ocp
+
+  from xsample_jax import evaluate
+  saved = tiny_config(batch_size=24).to_dict()
+  del saved["data"]["prefetch_priority"], saved["data"]["data_dir"], saved["cpu_matmuls"]
+  saved["data"]["prefetch_nice"] = 19  # retired since
+  with ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("config",)) as mngr:
+    mngr.save(3, args=ocp.args.Composite(config=ocp.args.JsonSave(saved)))
+  config, step = evaluate.saved_config(str(tmp_path))
+  assert step == 3
+  assert config.data.prefetch_priority == "idle" and config.cpu_matmuls == "auto"
+  assert config.batch_size == 24 and config.data.prefetch_nice == 19 and config.model.variant == "resnet_tiny"
+  assert config.augment.crop_scale == (0.5, 1.0)  # tuples stay tuples
+  assert config.data.data_dir is None
+  train.check_config(config)
+  config.data.data_dir = "/elsewhere"  # an optional (None) key taken from the defaults can still be set
+  with pytest.raises(TypeError):
+    config.data.data_dir = 3  # and keeps its type

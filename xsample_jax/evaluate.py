@@ -10,6 +10,7 @@ as eval/NAME/METRIC at the checkpoint's step.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import ml_collections
@@ -23,7 +24,8 @@ def _as_tuples(d):
 
 
 def saved_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
-  """(config, step) of the checkpoint at `step` (default: the latest) in workdir/checkpoints."""
+  """(config, step) of the checkpoint at `step` (default: the latest) in workdir/checkpoints; keys added to the
+  project's configs since the run was saved take their defaults."""
   import orbax.checkpoint as ocp
   from etils import epath
   mngr = ocp.CheckpointManager(epath.Path(workdir).resolve() / "checkpoints", item_names=("config",))
@@ -34,7 +36,27 @@ def saved_config(workdir: str, step: int | None = None) -> tuple[ml_collections.
   if step not in steps:
     raise ValueError(f"no checkpoint at step {step} in {workdir}/checkpoints; saved steps: {sorted(steps)}")
   saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  return ml_collections.ConfigDict(_as_tuples(saved)), step
+  config = ml_collections.ConfigDict(_as_tuples(saved))
+  from configs import common  # every key a config may have, at its default
+  filled = _fill_missing(config, common.base())
+  if filled:  # a run saved before these keys existed
+    logging.info("keys the saved config lacks, taken at today's defaults: %s", ", ".join(filled))
+  return config, step
+
+
+def _fill_missing(config, defaults, prefix="") -> list[str]:
+  """Adds to `config` every key of `defaults` it lacks (a run saved before the key existed), in place; returns
+  their dotted names. Keys the saved config has, and keys only it has, stay as saved."""
+  filled = []
+  for key in defaults:
+    default = defaults[key]
+    if key not in config:
+      # A reference keeps the field's type: an unset optional string stays a string field.
+      config[key] = default if isinstance(default, ml_collections.ConfigDict) else defaults.get_ref(key)
+      filled.append(prefix + key)
+    elif isinstance(default, ml_collections.ConfigDict) and isinstance(config[key], ml_collections.ConfigDict):
+      filled += _fill_missing(config[key], default, f"{prefix}{key}.")
+  return filled
 
 
 def restore(config, workdir: str, step: int):
