@@ -150,17 +150,27 @@ def adjust_hue(x: np.ndarray, turn: float) -> np.ndarray:
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def color_jitter(x: np.ndarray, u: np.ndarray, strength: float) -> np.ndarray:
-  """Brightness, contrast, saturation and hue in a random order, with factors drawn as torchvision's
-  ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) draws them, on a uint8 RGB image; u: 8 uniform draws, 4 for the order
-  (their argsort: a uniform permutation) and 4 for the factors."""
+def _jitter_params(u: np.ndarray, strength: float) -> tuple[list, list]:
+  """(orders, factors) of the jitter ops for views' draws u [n, 8]: each view's op order (the argsort of its first
+  4 draws: a uniform permutation) and its 4 factors, drawn as torchvision's ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s)
+  draws them (brightness, contrast and saturation in [max(0, 1 - 0.8 s), 1 + 0.8 s], hue in [-0.2 s, 0.2 s])."""
   b, h = 0.8 * strength, 0.2 * strength
   lo = max(0.0, 1 - b)
-  u = u.tolist()
-  factors = (lo + (1 + b - lo) * u[4], lo + (1 + b - lo) * u[5], lo + (1 + b - lo) * u[6], -h + 2 * h * u[7])
-  for op in sorted(range(4), key=u.__getitem__):
+  factors = np.concatenate([lo + (1 + b - lo) * u[:, 4:7], -h + 2 * h * u[:, 7:8]], 1)
+  return np.argsort(u[:, :4], axis=1, kind="stable").tolist(), factors.tolist()
+
+
+def _jitter(x: np.ndarray, order, factors) -> np.ndarray:
+  for op in order:
     x = _JITTER_OPS[op](x, factors[op])
   return x
+
+
+def color_jitter(x: np.ndarray, u: np.ndarray, strength: float) -> np.ndarray:
+  """Brightness, contrast, saturation and hue in a random order on a uint8 RGB image; u: its 8 uniform draws, 4 for
+  the order and 4 for the factors (`_jitter_params`)."""
+  (order,), (factors,) = _jitter_params(np.asarray(u)[None], strength)
+  return _jitter(x, order, factors)
 
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -183,6 +193,7 @@ def views(images: Sequence[np.ndarray], u: np.ndarray, aug: SimCLRAugment) -> np
   boxes = crop_boxes(u, heights, widths, aug.crop_scale, aug.crop_ratio).tolist()
   flip = (aug.flip & (u[:, _FLIP] < 0.5)).tolist()
   jitter = (u[:, _JITTER] < aug.jitter_prob).tolist()
+  orders, factors = _jitter_params(u[:, _ORDER:_GRAY], aug.jitter_strength)
   grey = (u[:, _GRAY] < aug.grayscale_prob).tolist()
   blur = (u[:, _BLUR] < aug.blur_prob).tolist()
   sigma = (aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[:, _SIGMA]).tolist()
@@ -193,7 +204,7 @@ def views(images: Sequence[np.ndarray], u: np.ndarray, aug: SimCLRAugment) -> np
     if flip[i]:
       x = cv2.flip(x, 1)
     if jitter[i]:
-      x = color_jitter(x, u[i, _ORDER:_GRAY], aug.jitter_strength)
+      x = _jitter(x, orders[i], factors[i])
     if grey[i]:
       x = _gray3(x)
     if blur[i]:

@@ -132,7 +132,7 @@ def record_problem(caption: str, embedding: np.ndarray, embed_dim: int) -> str |
   emb = np.asarray(embedding)
   if emb.ndim != 1 or emb.shape[0] != embed_dim:
     return f"caption embedding has shape {emb.shape}, expected ({embed_dim},)"
-  if not np.all(np.isfinite(emb)):
+  if not np.isfinite(emb).all():
     return "caption embedding is not finite"
   return None
 
