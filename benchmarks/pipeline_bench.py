@@ -4,6 +4,7 @@ in-memory batch, in one process.
     python -m benchmarks.pipeline_bench                       # smoke (40 rounds of 4 steps) and jpeg224 (3 of 10)
     python -m benchmarks.pipeline_bench --cases smoke --rounds 80
     python -m benchmarks.pipeline_bench --cases smoke smoke_in_ram smoke_geometric   # where the smoke ratio goes
+    python -m benchmarks.pipeline_bench --cases smoke smoke_replay    # the pipeline's work vs its mechanics
 
 Cases:
   smoke:   configs/smoke.py as it is: the procedural default rendered at 48 px, two 32 px views, resnet_tiny, 64 images.
@@ -11,6 +12,10 @@ Cases:
            everything but the rendering (shuffle, two views, collation, the copy to the device);
   smoke_geometric: smoke_in_ram without the colour jitter and grayscale (augment.jitter_prob and grayscale_prob 0):
            crops and flips only. The two show what the rendering and the colour passes cost the fed step.
+  smoke_replay: smoke, with the prefetch thread cycling through 8 batches the pipeline made before timing: the
+           thread only makes them global arrays (one copy to the device a batch), so the fed step pays the pipeline's
+           mechanics (the thread, the queue, the copy, fresh input buffers every step) and none of its work. The
+           smoke ratio's floor: what no cut in the pipeline's CPU can go below.
   jpeg224: configs/cc.py (data=cc3m, loss=xclr) on caption shards of 256 px JPEGs written here with the project's
            writer (benchmarks/input_bench._jpeg_shards), two 224 px views; --model and --batch (default ResNet-18,
            8 images: a few seconds a step on a 2-core CPU), float32 (bfloat16 is the TPU setting).
@@ -57,7 +62,7 @@ import numpy as np
 
 from benchmarks import input_bench
 from configs import cc, smoke
-from xsample_jax import cli, train
+from xsample_jax import cli, sharding, train
 from xsample_jax.data import pipeline
 
 
@@ -100,10 +105,41 @@ def jpeg224_case(args, tmp):
   return config, input_bench._jpeg_shards(tmp, args.records)
 
 
+class Replay:
+  """Cycles through NumPy batches made before timing; next() makes one global arrays, as the pipeline's last stage
+  does (an iterator `pipeline.Prefetch` can run)."""
+  skipped = 0
+
+  def __init__(self, batches, target):
+    self._batches, self._sharding, self._n = batches, target, 0
+
+  def __next__(self):
+    self._n += 1
+    return jax.make_array_from_process_local_data(self._sharding, self._batches[self._n % len(self._batches)])
+
+  def get_state(self):
+    return {"replayed": self._n}
+
+  def metrics(self):
+    return {}
+
+  def close(self):
+    pass
+
+
+def replay_iterator(config, source, mesh, batches=8):
+  numpy_it = train.train_iterator(config, source, None)  # no mesh: process-local NumPy batches
+  kept = [next(numpy_it) for _ in range(batches)]
+  numpy_it.close()
+  return pipeline.Prefetch(Replay(kept, sharding.batch_sharding(mesh)), priority=config.data.prefetch_priority)
+
+
 CASES = {"smoke": smoke_case, "smoke_in_ram": smoke_in_ram_case, "smoke_geometric": smoke_geometric_case,
-         "jpeg224": jpeg224_case}
+         "smoke_replay": smoke_case, "jpeg224": jpeg224_case}
+REPLAYED = ("smoke_replay",)
 # Default (rounds, timed steps per phase): a smoke step takes ~0.2 s on 2 cores, a jpeg224 one a few seconds.
-ROUNDS_STEPS = {"smoke": (40, 4), "smoke_in_ram": (40, 4), "smoke_geometric": (40, 4), "jpeg224": (3, 10)}
+ROUNDS_STEPS = {"smoke": (40, 4), "smoke_in_ram": (40, 4), "smoke_geometric": (40, 4), "smoke_replay": (40, 4),
+                "jpeg224": (3, 10)}
 
 
 def _host_busy() -> tuple[float, float]:
@@ -160,7 +196,7 @@ def bench_case(name, args):
     loss_fn = train.make_loss_fn(config, mesh, train.class_table(config, source, mesh))
     step = train.make_train_step(config, graphdef, shardings, mesh, loss_fn)
     state = train.init_state(config, shardings)
-    it = train.train_iterator(config, source, mesh)
+    it = (replay_iterator if name in REPLAYED else train.train_iterator)(config, source, mesh)
     rendering = getattr(source, "prerender", lambda: None)()
     if rendering is not None:  # the trainer's background render of the procedural split: done before timing,
       rendering.join()  # or it takes CPU from the first rounds' phases (their in-memory steps most)
