@@ -115,9 +115,7 @@ def main():
            "step_time_beside_busy": round(m_beside, 4), "ratio": round(m_beside / m_plain, 3),
            "ratio_ci90": _bootstrap_ratio(_chunks(beside, args.steps), _chunks(plain, args.steps)),
            "busy_thread_cores": round(statistics.median(cores), 3),
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
-    if args.note:
-      row["note"] = args.note
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), **({"note": args.note} if args.note else {})}
     print(json.dumps(row), flush=True)
 
 
