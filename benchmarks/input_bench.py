@@ -49,7 +49,10 @@ def _jpeg_shards(directory: str, n: int, side: int = 256) -> sources.CaptionShar
   return sources.CaptionShardSource(directory)
 
 
-def _rate(batches, batch_images: int, seconds: float, warmup: int = 2) -> tuple[float, int]:
+WARMUP_BATCHES = 2
+
+
+def _rate(batches, batch_images: int, seconds: float, warmup: int = WARMUP_BATCHES) -> tuple[float, int]:
   """images/s over a window of >= `seconds` (and >= 3 batches) after `warmup` batches.
 
   Whole-window throughput, not a median of per-batch rates: with workers, batches arrive in bursts from full queues.
@@ -78,7 +81,7 @@ def bench_grain(source, size: int, batch: int, workers: int, seconds: float) -> 
   it.close()
   # With no workers every thread of the pipeline is this process's: its CPU per batch (the warm-up's included).
   return {"images_per_s": round(rate, 1), "batches": n, "first_batch_s": round(first, 2),
-          "cpu_ms_per_batch": round(cpu / (n + 2) * 1e3, 2) if workers == 0 else None}
+          "cpu_ms_per_batch": round(cpu / (n + WARMUP_BATCHES) * 1e3, 2) if workers == 0 else None}
 
 
 # ---- the on-device alternative: the same recipe in JAX, one jitted call per batch ----

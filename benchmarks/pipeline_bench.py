@@ -127,6 +127,13 @@ class Replay:
     pass
 
 
+def step_and_state(config, mesh, source):
+  """The trainer's jitted step for `config` (its loss with the source's class table) and a fresh state."""
+  graphdef, _, shardings = train.abstract_state(config, mesh)
+  loss_fn = train.make_loss_fn(config, mesh, train.class_table(config, source, mesh))
+  return train.make_train_step(config, graphdef, shardings, mesh, loss_fn), train.init_state(config, shardings)
+
+
 def replay_iterator(config, source, mesh, batches=8):
   numpy_it = train.train_iterator(config, source, None)  # no mesh: process-local NumPy batches
   kept = [next(numpy_it) for _ in range(batches)]
@@ -136,7 +143,6 @@ def replay_iterator(config, source, mesh, batches=8):
 
 CASES = {"smoke": smoke_case, "smoke_in_ram": smoke_in_ram_case, "smoke_geometric": smoke_geometric_case,
          "smoke_replay": smoke_case, "jpeg224": jpeg224_case}
-REPLAYED = ("smoke_replay",)
 # Default (rounds, timed steps per phase): a smoke step takes ~0.2 s on 2 cores, a jpeg224 one a few seconds.
 ROUNDS_STEPS = {"smoke": (40, 4), "smoke_in_ram": (40, 4), "smoke_geometric": (40, 4), "smoke_replay": (40, 4),
                 "jpeg224": (3, 10)}
@@ -192,11 +198,8 @@ def bench_case(name, args):
       config.update_from_flattened_dict({key: type(old)(value)})
     train.check_config(config)
     mesh = train.make_mesh(config)
-    graphdef, _, shardings = train.abstract_state(config, mesh)
-    loss_fn = train.make_loss_fn(config, mesh, train.class_table(config, source, mesh))
-    step = train.make_train_step(config, graphdef, shardings, mesh, loss_fn)
-    state = train.init_state(config, shardings)
-    it = (replay_iterator if name in REPLAYED else train.train_iterator)(config, source, mesh)
+    step, state = step_and_state(config, mesh, source)
+    it = (replay_iterator if name == "smoke_replay" else train.train_iterator)(config, source, mesh)
     rendering = getattr(source, "prerender", lambda: None)()
     if rendering is not None:  # the trainer's background render of the procedural split: done before timing,
       rendering.join()  # or it takes CPU from the first rounds' phases (their in-memory steps most)

@@ -28,29 +28,33 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.pipeline_bench import _bootstrap_ratio, _chunks
-from configs import smoke
+from benchmarks.pipeline_bench import _bootstrap_ratio, _chunks, smoke_case, step_and_state
 from xsample_jax import cli, train
 
 
-def _busy_loop(kind: str):
-  """A function doing one unit of `kind` work a call."""
-  if kind == "python":
-    return lambda: sum(range(2000))
-  if kind == "hashlib":
-    buf = bytes(65536)
-    return lambda: hashlib.sha256(buf).digest()
-  if kind == "numpy":
-    a = np.ones(1 << 20, np.float32)
-    return lambda: np.multiply(a, 1.0, out=a)
-  raise ValueError(kind)
+def _python():
+  return lambda: sum(range(2000))
+
+
+def _hashlib():
+  buf = bytes(65536)
+  return lambda: hashlib.sha256(buf).digest()
+
+
+def _numpy():
+  a = np.ones(1 << 20, np.float32)
+  return lambda: np.multiply(a, 1.0, out=a)
+
+
+# Each kind: a factory of a function doing one unit of that work a call.
+KINDS = {"python": _python, "hashlib": _hashlib, "numpy": _numpy}
 
 
 class Busy:
   """A SCHED_IDLE thread doing `kind` work units until stopped; `units` counts them."""
 
   def __init__(self, kind: str):
-    self._unit, self.units = _busy_loop(kind), 0
+    self._unit, self.units = KINDS[kind](), 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, daemon=True)
     self._thread.start()
@@ -75,19 +79,15 @@ def rate_alone(kind: str, seconds: float = 3.0) -> float:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--kinds", nargs="+", default=["python", "hashlib", "numpy"], choices=["python", "hashlib", "numpy"])
+  ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
   ap.add_argument("--rounds", type=int, default=16)
   ap.add_argument("--steps", type=int, default=6, help="steps per phase")
   ap.add_argument("--note", default="")
   args = ap.parse_args()
 
-  config = smoke.get_config()
+  config, source = smoke_case(None, None)
   mesh = train.make_mesh(config)
-  source = train.get_source(config, config.data.train, config.data.train_split)
-  graphdef, _, shardings = train.abstract_state(config, mesh)
-  step = train.make_train_step(config, graphdef, shardings, mesh,
-                               train.make_loss_fn(config, mesh, train.class_table(config, source, mesh)))
-  state = train.init_state(config, shardings)
+  step, state = step_and_state(config, mesh, source)
   it = train.train_iterator(config, source, mesh)
   batch = next(it)
   it.close()
