@@ -15,7 +15,7 @@ Wall times are medians of --repeats runs after a warm-up (none with --repeats 1)
 floor itself, before each timed call (best rate over those measurements): ratio_to_floor_alongside is the same
 ratio with the floor taken while the machine was in the state the loss ran in (other jobs on a shared machine). "plain" is the same loss written plainly
 (plain_loss); its worker also times the library's dense path, interleaved in that process (dense_over_plain).
-On a chip with a known peak (benchmarks/timing.py, or --peak-tflops) each line also has fraction_of_peak: the dense
+On a chip with a known peak (`xsample_jax.utilization`, or --peak-tflops) each line also has fraction_of_peak: the dense
 FLOPs over the wall time, against that peak.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.timing import interleaved_medians, peak_tflops
+from benchmarks.timing import interleaved_medians
+from xsample_jax.utilization import peak_tflops
 
 GIB = 1 << 30
 

@@ -29,7 +29,7 @@ medians of --steps. One JSON line per (model, framework), then a summary line pe
 the torch step, and the summary's JAX figures are the first setting's, with the others by name.
 
 The JAX line carries `step_flops` (XLA's count for the compiled step: towers, loss, optimizer), the achieved
-`tflop_per_s` and, on a chip in `timing.PEAK_BF16_TFLOPS` (or with --peak-tflops), `mfu`: achieved / peak.
+`tflop_per_s` and, on a chip in `utilization.PEAK_BF16_TFLOPS` (or with --peak-tflops), `mfu`: achieved / peak.
 
 With torch, the summary also carries `matmul_chain_jax_over_torch`: the tower's own matmuls alone (for ViT-S/16 the
 qkv, output and two MLP projections of every block on the 2B x tokens rows; for ResNet-18 none, its FLOPs are
@@ -44,8 +44,9 @@ import math
 import os
 import time
 
-from benchmarks.timing import compiled_flops, interleaved_medians, peak_tflops
+from benchmarks.timing import interleaved_medians
 from xsample_jax import cli
+from xsample_jax.utilization import compiled_flops, peak_tflops
 
 MODELS = ("resnet18", "vit_s16", "vit_b16")
 TORCH_VIT = {"vit_s16": dict(width=384, heads=6, mlp=1536), "vit_b16": dict(width=768, heads=12, mlp=3072)}

@@ -40,6 +40,10 @@ def base() -> ml_collections.ConfigDict:
   # run of the same programs, loads the compiled train step instead of compiling it again. None: JAX's own setting
   # (off unless JAX_COMPILATION_CACHE_DIR is set). Only ever share it with people you trust: it holds executables.
   c.xla_cache_dir = _optional_str()
+  # One device's dense matmul peak in TFLOP/s for model.dtype, for the model FLOP utilisation (`mfu`) the logs give
+  # beside each device's achieved TFLOP/s. None: from the device kind (xsample_jax/utilization.py: H100/H200, A100,
+  # L4, TPU v3-v6); on other chips (a CPU) no mfu unless set.
+  c.peak_tflops = config_dict.placeholder(float)
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "procedural"  # 'procedural' | 'tfds:NAME' | 'shards:DIR' | 'folder:DIR'

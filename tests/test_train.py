@@ -125,6 +125,7 @@ BAD_CONFIGS = [
     ({"data.prefetch_priority": "high"}, r"config.data.prefetch_priority: must be one of .*, got 'high'"),
     ({"data.procedural_keep_mb": -1}, "config.data.procedural_keep_mb: must be >= 0"),
     ({"cpu_matmuls": "mkl"}, "config.cpu_matmuls: unknown 'mkl'; valid: auto, eigen, ynnpack"),
+    ({"peak_tflops": 0.0}, r"config.peak_tflops: must be > 0 \(one device's peak TFLOP/s\) or None"),
 ]
 
 
@@ -287,3 +288,49 @@ def test_data_wait_counts_only_the_time_the_finished_step_waited_for_its_batch()
     assert 0.02 <= clock["data_wait"] - before < 1.0
   finally:
     watch.close()
+
+
+def test_step_flops_count_one_devices_share_of_the_step():
+  """XLA's count of the compiled step, per device, against the ViT's matmuls counted by hand: forward
+  2 x (patch embedding + per layer qkv, output projection, MLP, QK^T and AV) a token, plus the head, and the
+  backward pass twice the forward. The rest (norms, GELU, softmax, the optimizer) adds ~10% at this size."""
+  from xsample_jax.models import vit
+  config = tiny_config(**{"model.variant": "vit_tiny"})
+  mesh = train.make_mesh(config)
+  graphdef, _, shardings = train.abstract_state(config, mesh)
+  step = train.make_train_step(config, graphdef, shardings, mesh, train.make_loss_fn(config, mesh, None))
+  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in host_batch(config).items()}
+  flops = train.step_flops(step, train.init_state(config, shardings), batch)
+
+  cfg, rows = vit.VARIANTS["vit_tiny"], 2 * config.batch_size
+  d, tokens = cfg.width, (config.image_size // cfg.patch) ** 2
+  layer = 2 * (3 * d * d + d * d + 2 * d * cfg.mlp_dim) + 2 * 2 * tokens * d
+  forward = rows * (tokens * (2 * cfg.patch ** 2 * 3 * d + cfg.depth * layer)
+                    + 2 * sum(a * b for a, b in zip((d, *config.model.head), config.model.head)))
+  by_hand = 3 * forward / jax.device_count()
+  assert 1.0 <= flops / by_hand <= 1.3, (flops, by_hand)
+
+
+def test_the_log_rows_give_each_devices_tflops_the_mfu_and_the_data_wait_fraction(tmp_path):
+  train.train_and_evaluate(tiny_config(total_steps=4, log_every_steps=2, peak_tflops=0.5), str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  last = [r for r in rows if "step_time" in r]
+  assert [r["step"] for r in last] == [2, 4]
+  # The same FLOPs every step: achieved TFLOP/s x step time is constant.
+  flops = [r["device_tflop_per_s"] * r["step_time"] for r in last]
+  assert flops[0] > 0 and flops[1] == pytest.approx(flops[0], rel=1e-6)
+  for r in last:
+    assert r["mfu"] == pytest.approx(r["device_tflop_per_s"] / 0.5)
+    assert 0 <= r["data_wait_fraction"] <= 1
+    assert r["data_wait_fraction"] == pytest.approx(r["data_wait"] / r["step_time"])
+  train.train_and_evaluate(tiny_config(total_steps=1, **{"optimizer.warmup_steps": 0}), str(tmp_path / "cpu"))
+  row = json.loads((tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert row["device_tflop_per_s"] > 0 and "mfu" not in row  # no peak known for a CPU
+
+
+@pytest.mark.accelerator
+def test_on_an_accelerator_the_log_rows_give_the_mfu(tmp_path):
+  """On a GPU/TPU the chip's peak comes from its device kind: the logs carry the model FLOP utilisation."""
+  train.train_and_evaluate(tiny_config(total_steps=3, **{"optimizer.warmup_steps": 0}), str(tmp_path))
+  row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  assert 0 < row["mfu"] < 1, row

@@ -37,7 +37,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from xsample_jax import losses, models, sharding
+from xsample_jax import losses, models, sharding, utilization
 from xsample_jax.data import augment, pipeline, sources
 
 LOSSES = ("xclr", "simclr", "supcon", "clip", "siglip", "xclr_cross_modal")
@@ -87,6 +87,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
   need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}")
   need(config.cpu_matmuls in CPU_MATMULS, "cpu_matmuls",
        f"unknown {config.cpu_matmuls!r}; valid: {', '.join(CPU_MATMULS)}")
+  need(config.peak_tflops is None or config.peak_tflops > 0, "peak_tflops",
+       f"must be > 0 (one device's peak TFLOP/s) or None (by the device kind), got {config.peak_tflops}")
   need(config.loss.name in LOSSES, "loss.name", f"unknown loss {config.loss.name!r}; valid: {', '.join(LOSSES)}")
   if config.loss.name in TEXT_LOSSES:
     need(config.model.text in models.TEXT_TOWERS, "model.text",
@@ -838,15 +840,29 @@ def _next_batch(it, clock, watch: StepWatch):
   return batch
 
 
-def log_metrics(writer, bar, pending, batch_size, clock, data_metrics, nonfinite="stop") -> dict[str, float]:
+def step_flops(train_step, state, batch) -> float | None:
+  """FLOPs one device does in a train step, as XLA counts them in the compiled (partitioned) program; None where
+  the backend does not count them. jax keeps this compilation for the step's first call: nothing compiles twice."""
+  return utilization.compiled_flops(train_step.lower(state, batch).compile())
+
+
+def log_metrics(writer, bar, pending, batch_size, clock, data_metrics, nonfinite="stop", flops=None,
+                peak_tflops=None) -> dict[str, float]:
   """Fetches the metrics of the steps since the last log (the loop's only host sync) and writes one row a step;
-  the last row also gets the interval's throughput and data-wait. Returns that row. A step whose loss or gradient
-  was not finite (not applied by the step) raises NonFiniteError, or with nonfinite='skip' is logged."""
+  the last row also gets the interval's throughput, data-wait (seconds a step, and as a fraction of the step) and,
+  given the step's FLOPs per device (`step_flops`), the TFLOP/s each device achieved and, given its peak, the model
+  FLOP utilisation `mfu`. Returns that row. A step whose loss or gradient was not finite (not applied by the step)
+  raises NonFiniteError, or with nonfinite='skip' is logged."""
   fetched = jax.device_get(pending)
   elapsed, n = time.perf_counter() - clock["log"], len(fetched)
   rows = [{"step": s, **{k: float(v) for k, v in m.items()}} for s, m in fetched]
   rows[-1].update({"step_time": elapsed / n, "images_per_sec": n * batch_size / elapsed,
-                   "data_wait": clock["data_wait"] / n, **data_metrics})
+                   "data_wait": clock["data_wait"] / n, "data_wait_fraction": clock["data_wait"] / elapsed,
+                   **data_metrics})
+  if flops:
+    rows[-1]["device_tflop_per_s"] = n * flops / elapsed / 1e12
+    if peak_tflops:
+      rows[-1]["mfu"] = rows[-1]["device_tflop_per_s"] / peak_tflops
   for row in rows:
     writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
   bad = [r["step"] for r in rows if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))]
@@ -927,6 +943,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   clock, watch = {"log": time.perf_counter(), "data_wait": 0.0}, StepWatch()
   try:
     batch = _next_batch(it, clock, watch) if start < config.total_steps else None
+    flops = step_flops(train_step, state, batch) if batch is not None else None
+    peak = utilization.peak_tflops(jax.devices()[0], config.model.dtype, config.peak_tflops)
+    if flops:
+      logging.info("the train step: %.4g GFLOP per device (XLA's count); %s", flops / 1e9,
+                   f"peak {peak:g} TFLOP/s a device (mfu logged)" if peak else
+                   "no peak known for this device (set config.peak_tflops for the mfu)")
     while step < config.total_steps:
       with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
         state, metrics = train_step(state, batch)  # dispatched asynchronously
@@ -941,7 +963,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop or end or step % config.log_every_steps == 0:
         try:
           last = log_metrics(writer, bar, pending, config.batch_size, clock, {**it.metrics(), **source_metrics},
-                             config.nonfinite)
+                             config.nonfinite, flops, peak)
         except OSError as e:
           raise _write_failed(mngr, f"writing the metrics in {workdir}", e) from e
         pending = []
