@@ -44,6 +44,9 @@ def base() -> ml_collections.ConfigDict:
   # beside each device's achieved TFLOP/s. None: from the device kind (xsample_jax/utilization.py: H100/H200, A100,
   # L4, TPU v3-v6); on other chips (a CPU) no mfu unless set.
   c.peak_tflops = config_dict.placeholder(float)
+  # Record a profile of steps FIRST..FIRST+COUNT-1 (1-based, as logged): XLA's ops on the host and the devices, in
+  # DIR/profile (TensorBoard's profile plugin, or the trace.json.gz in Perfetto); process 0 only. (0, 0): none.
+  c.profile_steps = (0, 0)
 
   c.data = ml_collections.ConfigDict()
   c.data.train = "procedural"  # 'procedural' | 'tfds:NAME' | 'shards:DIR' | 'folder:DIR'

@@ -125,6 +125,7 @@ BAD_CONFIGS = [
     ({"data.prefetch_priority": "high"}, r"config.data.prefetch_priority: must be one of .*, got 'high'"),
     ({"data.procedural_keep_mb": -1}, "config.data.procedural_keep_mb: must be >= 0"),
     ({"cpu_matmuls": "mkl"}, "config.cpu_matmuls: unknown 'mkl'; valid: auto, eigen, ynnpack"),
+    ({"profile_steps": (3, 0)}, r"config.profile_steps: must be \(first step, count\), both >= 1, or \(0, 0\)"),
     ({"peak_tflops": 0.0}, r"config.peak_tflops: must be > 0 \(one device's peak TFLOP/s\) or None"),
 ]
 
@@ -326,6 +327,17 @@ def test_the_log_rows_give_each_devices_tflops_the_mfu_and_the_data_wait_fractio
   train.train_and_evaluate(tiny_config(total_steps=1, **{"optimizer.warmup_steps": 0}), str(tmp_path / "cpu"))
   row = json.loads((tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()[-1])
   assert row["device_tflop_per_s"] > 0 and "mfu" not in row  # no peak known for a CPU
+
+
+def test_profile_steps_write_a_trace_of_the_train_step(tmp_path):
+  import gzip
+  train.train_and_evaluate(tiny_config(total_steps=4, profile_steps=(2, 2)), str(tmp_path))
+  traces = list((tmp_path / "profile").rglob("*.trace.json.gz"))
+  assert len(traces) == 1
+  events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
+  runs = [e for e in events if e.get("name") == "CommonPjRtLoadedExecutable::Execute (jit_train_step)"]
+  assert len(runs) == 2, sorted({e.get("name") for e in events if "train_step" in e.get("name", "")})  # steps 2, 3
+  assert len(list((tmp_path / "metrics.jsonl").read_text().splitlines())) == 4  # the run itself as without
 
 
 @pytest.mark.accelerator

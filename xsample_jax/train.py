@@ -87,6 +87,9 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
   need(config.model.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}")
   need(config.cpu_matmuls in CPU_MATMULS, "cpu_matmuls",
        f"unknown {config.cpu_matmuls!r}; valid: {', '.join(CPU_MATMULS)}")
+  need(len(config.profile_steps) == 2 and min(config.profile_steps) >= 0
+       and (config.profile_steps[0] > 0) == (config.profile_steps[1] > 0), "profile_steps",
+       f"must be (first step, count), both >= 1, or (0, 0) for no profile; got {tuple(config.profile_steps)}")
   need(config.peak_tflops is None or config.peak_tflops > 0, "peak_tflops",
        f"must be > 0 (one device's peak TFLOP/s) or None (by the device kind), got {config.peak_tflops}")
   need(config.loss.name in LOSSES, "loss.name", f"unknown loss {config.loss.name!r}; valid: {', '.join(LOSSES)}")
@@ -846,6 +849,34 @@ def step_flops(train_step, state, batch) -> float | None:
   return utilization.compiled_flops(train_step.lower(state, batch).compile())
 
 
+class _Profile:
+  """Records steps first..first+count-1 (config.profile_steps) with jax.profiler into DIR/profile, on process 0."""
+
+  def __init__(self, config, workdir):
+    self.first, count = config.profile_steps
+    self.last = self.first + count - 1
+    self.dir = str(workdir / "profile") if count and jax.process_index() == 0 else None
+    self.on = False
+
+  def before(self, step: int) -> None:
+    """Called before dispatching step `step` (1-based)."""
+    if self.dir and step == self.first:
+      jax.profiler.start_trace(self.dir)
+      self.on = True
+
+  def after(self, step: int, metrics, last: bool = False) -> None:
+    """Called after dispatching step `step`; the trace ends once its computation has (or at the loop's `last`)."""
+    if self.on and (step >= self.last or last):
+      jax.block_until_ready(metrics)
+      self.stop()
+      logging.info("profile of steps %d-%d written to %s", self.first, step, self.dir)
+
+  def stop(self) -> None:
+    if self.on:
+      self.on = False
+      jax.profiler.stop_trace()
+
+
 def log_metrics(writer, bar, pending, batch_size, clock, data_metrics, nonfinite="stop", flops=None,
                 peak_tflops=None) -> dict[str, float]:
   """Fetches the metrics of the steps since the last log (the loop's only host sync) and writes one row a step;
@@ -940,7 +971,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
 
   step, pending, last, stopped = start, [], {"step": start}, False
-  clock, watch = {"log": time.perf_counter(), "data_wait": 0.0}, StepWatch()
+  clock, watch, profile = {"log": time.perf_counter(), "data_wait": 0.0}, StepWatch(), _Profile(config, workdir)
   try:
     batch = _next_batch(it, clock, watch) if start < config.total_steps else None
     flops = step_flops(train_step, state, batch) if batch is not None else None
@@ -950,12 +981,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    f"peak {peak:g} TFLOP/s a device (mfu logged)" if peak else
                    "no peak known for this device (set config.peak_tflops for the mfu)")
     while step < config.total_steps:
+      profile.before(step + 1)
       with jax.transfer_guard("disallow"):  # an accidental host copy inside the step fails loudly
         state, metrics = train_step(state, batch)  # dispatched asynchronously
       step += 1
       pending.append((step, metrics))
       watch.watch(metrics)
       stop, end = preemption.reached(step), step == config.total_steps
+      profile.after(step, metrics, last=stop or end)
       save = stop or end or step % config.checkpoint_every_steps == 0
       data_state = it.get_state() if save else None  # the stream after the batches consumed so far
       if not (stop or end):  # the host fetches the next batch while the device runs this step
@@ -982,6 +1015,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:  # a save in flight completes, and SIGTERM gets its handler back, also when the loop raises
     it.close()  # its read-ahead stops: the evaluations get the cores
     watch.close()
+    profile.stop()  # a loop that raised inside the window
     preemption.restore()
     try:
       mngr.wait_until_finished()
