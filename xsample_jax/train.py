@@ -11,7 +11,8 @@ Read top to bottom, `train_and_evaluate` is the whole run:
      'data' (the losses all-gather the rows' inputs and build the global graph), optax; state donated;
   6. restore the latest checkpoint (train state + the data iterator + config) or start fresh;
   7. the loop: the next batch is fetched while the device runs the current step; metrics stay on device until they
-     are logged; checkpoints every `checkpoint_every_steps`; SIGTERM saves at the next step boundary and returns;
+     are logged (with throughput, data-wait, each device's TFLOP/s and mfu); checkpoints every
+     `checkpoint_every_steps`; SIGTERM saves at the next step boundary and returns; an optional profile window;
   8. the final checkpoint and evaluation, and one closing line.
 """
 from __future__ import annotations
