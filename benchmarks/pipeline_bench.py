@@ -43,7 +43,8 @@ with replacement, the ratio of the pooled medians each time), each round's own r
 sum of waits / sum of pipeline step times (target <= 0.05). A wait counts there even while the step it overlaps is
 still running, so the line also gives the device-idle fraction: the part of each wait after the step had finished
 (`train.StepWatch` notes when its outputs are ready), the time the step really waited for data: the trainer's
-logged `data_wait`, by the trainer's own code (`train._next_batch`). Like the
+logged `data_wait`, by the trainer's own code (`train._next_batch`); the trainer's `data_wait_fraction` is this
+device-idle fraction, not the blocked-in-next one. Like the
 trainer's entry point, the benchmark restarts itself with glibc's malloc on transparent huge pages
 (`cli.use_huge_pages`; XSAMPLE_HUGE_PAGES=0 turns it off).
 """
