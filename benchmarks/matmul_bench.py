@@ -24,6 +24,9 @@ import json
 from benchmarks.timing import interleaved_medians
 
 
+KERNELS = ("ynnpack", "eigen")  # config.cpu_matmuls settings: XLA's default, Eigen for dots
+
+
 def projections(width: int, mlp: int) -> list[tuple[str, int, int]]:
   return [("qkv", width, 3 * width), ("out", width, width), ("mlp_in", width, mlp), ("mlp_out", mlp, width)]
 
@@ -51,11 +54,10 @@ def main():
     x = jax.random.normal(jax.random.key(0), (args.rows, d_in))
     dy = jax.random.normal(jax.random.key(1), (args.rows, d_out))
     w = jax.random.normal(jax.random.key(2), (d_in, d_out))
-    kernels = ("ynnpack", "eigen")
-    fns = [jax.jit(f, compiler_options=train.compiler_options(k)) for k in kernels for f in forms.values()]
+    fns = [jax.jit(f, compiler_options=train.compiler_options(k)) for k in KERNELS for f in forms.values()]
     times = interleaved_medians([lambda f=f: jax.block_until_ready(f(x, dy, w)) for f in fns], args.repeats)
     flops = 2 * args.rows * d_in * d_out
-    for i, k in enumerate(kernels):
+    for i, k in enumerate(KERNELS):
       row = {"bench": "matmul", "projection": name, "rows": args.rows, "d_in": d_in, "d_out": d_out, "kernels": k,
              "device": jax.devices()[0].device_kind}
       row.update({f"{form}_gflops": round(flops / t / 1e9, 1)

@@ -865,9 +865,10 @@ class _Profile:
       jax.profiler.start_trace(self.dir)
       self.on = True
 
-  def after(self, step: int, metrics, last: bool = False) -> None:
-    """Called after dispatching step `step`; the trace ends once its computation has (or at the loop's `last`)."""
-    if self.on and (step >= self.last or last):
+  def after(self, step: int, metrics, loop_ends: bool = False) -> None:
+    """Called after dispatching step `step`; the trace ends once its computation has, at the window's last step or
+    where the loop ends."""
+    if self.on and (step >= self.last or loop_ends):
       jax.block_until_ready(metrics)
       self.stop()
       logging.info("profile of steps %d-%d written to %s", self.first, step, self.dir)
@@ -989,7 +990,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending.append((step, metrics))
       watch.watch(metrics)
       stop, end = preemption.reached(step), step == config.total_steps
-      profile.after(step, metrics, last=stop or end)
+      profile.after(step, metrics, loop_ends=stop or end)
       save = stop or end or step % config.checkpoint_every_steps == 0
       data_state = it.get_state() if save else None  # the stream after the batches consumed so far
       if not (stop or end):  # the host fetches the next batch while the device runs this step
